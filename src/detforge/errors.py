@@ -1,0 +1,19 @@
+"""detforge's exception types. Every error caused by user input is one of these, never a bare traceback."""
+
+from __future__ import annotations
+
+
+class DetforgeError(Exception):
+    """Base class of every error detforge raises on purpose."""
+
+
+class ConfigError(DetforgeError):
+    """A configuration file, key or value is wrong."""
+
+
+class DatasetError(DetforgeError):
+    """An annotation file, image or dataset operation is wrong."""
+
+
+class CheckpointError(DetforgeError):
+    """A checkpoint or weight file cannot be used."""
