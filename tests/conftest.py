@@ -33,16 +33,25 @@ def _write_tiny(root: Path) -> Path:
         Image.fromarray(pixels).save(root / "images" / f"img_{i:02d}.png")
         images.append({"id": i, "file_name": f"img_{i:02d}.png", "width": 64, "height": 64})
     anns = [
-        {"id": k, "image_id": i, "category_id": c, "bbox": box, "area": float(box[2] * box[3]), "iscrowd": 0,
-         "segmentation": seg}
+        {
+            "id": k,
+            "image_id": i,
+            "category_id": c,
+            "bbox": box,
+            "area": float(box[2] * box[3]),
+            "iscrowd": 0,
+            "segmentation": seg,
+        }
         for k, (i, c, box, seg) in enumerate(annotations, start=1)
     ]
     coco = {
         "info": {"description": "tiny"},
         "images": images,
         "annotations": anns,
-        "categories": [{"id": 1, "name": "circle", "supercategory": "shape"},
-                       {"id": 2, "name": "square", "supercategory": "shape"}],
+        "categories": [
+            {"id": 1, "name": "circle", "supercategory": "shape"},
+            {"id": 2, "name": "square", "supercategory": "shape"},
+        ],
     }
     path = root / "instances.json"
     path.write_text(json.dumps(coco))

@@ -1,12 +1,12 @@
 """Typed COCO-shaped dataset records.
 
-The records are ``msgspec.Struct`` types: dataclass-like, typed, and decoded straight from JSON bytes. A
-segmentation is kept as the raw JSON bytes it came in (``msgspec.Raw``) until somebody needs its points, so that
-curating a COCO-train-scale file never materialises tens of millions of Python floats. Use
+The records are ``msgspec.Struct`` types: dataclass-like, typed, and decoded straight from JSON bytes.
+A segmentation is kept as the raw JSON bytes it came in (``msgspec.Raw``) until somebody needs its points,
+so that curating a COCO-train-scale file never materialises tens of millions of Python floats. Use
 :meth:`Annotation.polygons`, :meth:`Annotation.rle` and :func:`make_segmentation` to read and write it.
 
-Conventions (COCO's): ``bbox`` is ``(x, y, width, height)`` in pixels with the origin at the top-left corner of
-the top-left pixel; polygons are flat ``[x1, y1, x2, y2, ...]`` lists in pixels; RLE is
+Conventions (COCO's): ``bbox`` is ``(x, y, width, height)`` in pixels with the origin at the top-left
+corner of the top-left pixel; polygons are flat ``[x1, y1, x2, y2, ...]`` lists in pixels; RLE is
 ``{"size": [height, width], "counts": str | list[int]}``; category ids are the file's own (need not be
 contiguous); ``keypoints`` is a flat ``[x, y, v] * K`` list.
 """

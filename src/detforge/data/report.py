@@ -18,7 +18,7 @@ _ORDER: tuple[Severity, ...] = ("error", "skipped", "fixed", "warning")
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding: ``kind`` groups findings ("zero-area box"), ``where`` names the file, image or annotation."""
+    """One finding: ``kind`` groups findings ("zero-area box"); ``where`` names file, image, annotation."""
 
     severity: Severity
     kind: str

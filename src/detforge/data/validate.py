@@ -116,7 +116,9 @@ def _check_annotations(
             continue
         if ann.category_id not in cat_ids:
             report.error(
-                "unknown category_id", where, f"category_id {ann.category_id} is not in 'categories' (known: {known})"
+                "unknown category_id",
+                where,
+                f"category_id {ann.category_id} is not in 'categories' (known: {known})",
             )
         if _check_box(ann, img, report, where):
             _check_segmentation(ann, img, report, where)
@@ -144,7 +146,9 @@ def _check_box(ann: Annotation, img: Image, report: _AnnotationReport, where: st
     tol = CLIP_TOLERANCE_PX
     if x1 < -tol or y1 < -tol or x2 > img.width + tol or y2 > img.height + tol:
         report.error(
-            "box outside image", where, f"bbox {list(ann.bbox)} vs image {img.width}x{img.height} (tolerance {tol} px)"
+            "box outside image",
+            where,
+            f"bbox {list(ann.bbox)} vs image {img.width}x{img.height} (tolerance {tol} px)",
         )
         return False
     if x1 < 0 or y1 < 0 or x2 > img.width or y2 > img.height:
@@ -201,14 +205,18 @@ def _check_polygons(ann: Annotation, polys: list[object], report: _AnnotationRep
         ann.area = area if area > 0 else float(ann.bbox[2] * ann.bbox[3])
 
 
-def _check_rle(ann: Annotation, rle: dict[str, object], img: Image, report: _AnnotationReport, where: str) -> None:
+def _check_rle(
+    ann: Annotation, rle: dict[str, object], img: Image, report: _AnnotationReport, where: str
+) -> None:
     size = rle.get("size")
     counts = rle.get("counts")
     if not (isinstance(size, list) and len(size) == 2) or not isinstance(counts, str | list):
         report.error("bad RLE", where, "expected {'size': [h, w], 'counts': str or list}")
         return
     if list(size) != [img.height, img.width]:
-        report.error("RLE size disagrees with the image", where, f"RLE {size} vs image [{img.height}, {img.width}]")
+        report.error(
+            "RLE size disagrees with the image", where, f"RLE {size} vs image [{img.height}, {img.width}]"
+        )
         return
     if ann.area <= 0:
         from pycocotools import mask as mask_utils
@@ -241,11 +249,14 @@ def check_image_files(ds: Dataset, report: Report, source: str) -> None:
     """Open every image header: missing and unreadable files and size disagreements are errors."""
     for img in track(ds.images, "Checking images", total=len(ds.images)):
         where = f"{source}, image {img.id} ('{img.file_name}')"
+        path = ds.image_path(img)
+        if not path.is_file():
+            report.error("image file not found", where, str(path))
+            continue
         try:
-            width, height = read_image_size(ds.image_path(img))
+            width, height = read_image_size(path)
         except DatasetError as exc:
-            kind = "image file not found" if "not found" in str(exc) else "unreadable image"
-            report.error(kind, where, str(ds.image_path(img)))
+            report.error("unreadable image", where, str(exc))
             continue
         if (width, height) != (img.width, img.height):
             report.error(

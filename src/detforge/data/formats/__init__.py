@@ -1,0 +1,1 @@
+"""Annotation formats: one module per labelling tool's format; the name tables are in ``registry``."""

@@ -55,11 +55,15 @@ def decode_coco(data: bytes, *, source: str, report: Report | None = None) -> Da
         except msgspec.DecodeError as exc:
             raise DatasetError(f"{source}: not a JSON object ({exc}).") from None
         for key in sorted(set(top) - _TOP_LEVEL):
-            report.warning("top-level key not kept", f"{source}, key '{key}'", "detforge keeps COCO keys only")
+            report.warning(
+                "top-level key not kept", f"{source}, key '{key}'", "detforge keeps COCO keys only"
+            )
         for key in ("images", "categories"):
             if key not in top:
                 raise DatasetError(f"{source}: no '{key}' list; this is not a COCO dataset file.")
-        sections = {name: _decode_section(top.get(name), name, cls, source, report) for name, cls in _SECTIONS.items()}
+        sections = {
+            name: _decode_section(top.get(name), name, cls, source, report) for name, cls in _SECTIONS.items()
+        }
         extras = {k: msgspec.json.decode(top[k]) for k in ("info", "licenses", "image_root") if k in top}
     return Dataset(
         info=extras.get("info") or UNSET,
@@ -85,7 +89,11 @@ def _strict(cls: type) -> type:
     cached = _STRICT.get(cls)
     if cached is None:
         cached = msgspec.defstruct(
-            cls.__name__, [], bases=(cls,), forbid_unknown_fields=True, omit_defaults=cls.__struct_config__.omit_defaults
+            cls.__name__,
+            [],
+            bases=(cls,),
+            forbid_unknown_fields=True,
+            omit_defaults=cls.__struct_config__.omit_defaults,
         )
         _STRICT[cls] = cached
     return cached
@@ -117,7 +125,7 @@ def _decode_with_extras(raw: msgspec.Raw, name: str, cls: type, source: str, rep
 
 
 def _describe(exc: msgspec.ValidationError, section: str) -> str:
-    text = str(exc).replace("$.", f"{section}")
+    text = str(exc).replace("`$", f"`{section}", 1)
     return f"{text}. Fix that value (see the COCO format: https://cocodataset.org/#format-data)."
 
 
@@ -127,7 +135,10 @@ def encode_coco(ds: Dataset) -> bytes:
 
 
 def read_coco(
-    path: str | os.PathLike[str], *, image_root: str | os.PathLike[str] | None = None, check_images: bool = False
+    path: str | os.PathLike[str],
+    *,
+    image_root: str | os.PathLike[str] | None = None,
+    check_images: bool = False,
 ) -> tuple[Dataset, Report]:
     """Load and validate a COCO file; return the dataset and the report (errors are not raised).
 
@@ -147,7 +158,10 @@ def read_coco(
 
 
 def load_coco(
-    path: str | os.PathLike[str], *, image_root: str | os.PathLike[str] | None = None, check_images: bool = False
+    path: str | os.PathLike[str],
+    *,
+    image_root: str | os.PathLike[str] | None = None,
+    check_images: bool = False,
 ) -> Dataset:
     """Load and validate a COCO file; raise :class:`DatasetError` listing every error found."""
     ds, report = read_coco(path, image_root=image_root, check_images=check_images)
@@ -161,12 +175,11 @@ def _resolve_image_root(ds: Dataset, path: Path, given: str | os.PathLike[str] |
     folder = path.resolve().parent
     if isinstance(ds.image_root, str):
         return (folder / ds.image_root).resolve()
-    first = ds.images[0].file_name if ds.images else None
-    if first is not None and not (folder / first).exists():
-        for candidate in (folder / "images", folder.parent / "images"):
-            if (candidate / first).exists():
-                return candidate
-    return folder
+    # Guess among the usual places, by how many of a sample of images each one holds.
+    sample = [img.file_name for img in ds.images[:: max(1, len(ds.images) // 16)][:16]]
+    candidates = [folder, folder / "images", folder.parent / "images"]
+    found = [sum((c / name).exists() for name in sample) for c in candidates]
+    return candidates[found.index(max(found))]
 
 
 def save_coco(ds: Dataset, path: str | os.PathLike[str]) -> Path:
@@ -174,7 +187,9 @@ def save_coco(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     out = ds
     if isinstance(ds.image_root, str):
-        out = msgspec.structs.replace(ds, image_root=_relative_root(Path(ds.image_root), path.resolve().parent))
+        out = msgspec.structs.replace(
+            ds, image_root=_relative_root(Path(ds.image_root), path.resolve().parent)
+        )
     return atomic_write_bytes(path, encode_coco(out))
 
 
@@ -209,5 +224,7 @@ def _single_json(folder: Path) -> Path:
     candidates = sorted(p for p in folder.glob("*.json") if not is_image_file(p))
     if len(candidates) != 1:
         names = ", ".join(p.name for p in candidates) or "none"
-        raise DatasetError(f"{folder}: expected one COCO .json in the folder, found {names}; pass the file itself.")
+        raise DatasetError(
+            f"{folder}: expected one COCO .json in the folder, found {names}; pass the file itself."
+        )
     return candidates[0]

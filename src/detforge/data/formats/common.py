@@ -41,7 +41,9 @@ class DatasetBuilder:
 
     def add_image(self, file_name: str, width: int, height: int, **attributes: Any) -> int:
         image_id = len(self.images) + 1
-        self.images.append(Image(id=image_id, file_name=file_name, width=width, height=height, attributes=attributes))
+        self.images.append(
+            Image(id=image_id, file_name=file_name, width=width, height=height, attributes=attributes)
+        )
         return image_id
 
     def add_box(
@@ -69,7 +71,9 @@ class DatasetBuilder:
         ann.area = sum(polygon_area(p) for p in polygons if len(p) >= 6 and len(p) % 2 == 0)
         return ann
 
-    def build(self, *, image_root: str | os.PathLike[str] | None, info: dict[str, Any] | None = None) -> Dataset:
+    def build(
+        self, *, image_root: str | os.PathLike[str] | None, info: dict[str, Any] | None = None
+    ) -> Dataset:
         cats = [Category(id=i, name=n) for n, i in self.categories.items()]
         return Dataset(
             info=info if info is not None else UNSET,
