@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -14,7 +14,7 @@ from detforge.errors import DetforgeError
 
 err_console = Console(stderr=True)
 
-# Options that take several values, as in `--categories person "sports ball" --out x.json`. click options take
+# Options that take several values, as in `--categories person "sports ball" --out x.json`. Parsers take
 # one value each, so these are expanded into repeated options before parsing.
 GREEDY_OPTIONS = frozenset({"--categories", "--fractions", "--names"})
 
@@ -55,12 +55,12 @@ def _ends_values(token: str) -> bool:
 class DetforgeGroup(TyperGroup):
     """Expands greedy options and turns detforge errors into one red line and exit code 2."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if ctx.parent is None:
             args = expand_greedy_options(args)
         return super().parse_args(ctx, args)
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except DetforgeError as exc:
@@ -81,6 +81,17 @@ def _register() -> None:
     from detforge.cli.data import data_app
 
     app.add_typer(data_app, name="data")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-output"),
+    quick: Annotated[bool, typer.Option(help="A smaller run of the same path (about a minute).")] = False,
+) -> None:
+    """Run the whole flow on synthetic data and print where every output is."""
+    from detforge.demo import run_demo
+
+    run_demo(workdir, quick=quick)
 
 
 _register()

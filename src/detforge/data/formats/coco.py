@@ -64,13 +64,23 @@ def decode_coco(data: bytes, *, source: str, report: Report | None = None) -> Da
         sections = {
             name: _decode_section(top.get(name), name, cls, source, report) for name, cls in _SECTIONS.items()
         }
-        extras = {k: msgspec.json.decode(top[k]) for k in ("info", "licenses", "image_root") if k in top}
+        extras = {k: _decode_extra(top[k], k, t, source) for k, t in _EXTRAS.items() if k in top}
     return Dataset(
         info=extras.get("info") or UNSET,
         licenses=extras.get("licenses") or UNSET,
         image_root=extras.get("image_root") or UNSET,
         **sections,
     )
+
+
+_EXTRAS: dict[str, Any] = {"info": dict[str, Any], "licenses": list[Any], "image_root": str}
+
+
+def _decode_extra(raw: msgspec.Raw, key: str, kind: Any, source: str) -> Any:
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise DatasetError(f"{source}: top-level '{key}': {exc}. Fix or remove it.") from None
 
 
 def _decode_section(raw: msgspec.Raw | None, name: str, cls: type, source: str, report: Report) -> list[Any]:
