@@ -17,3 +17,7 @@ class DatasetError(DetforgeError):
 
 class CheckpointError(DetforgeError):
     """A checkpoint or weight file cannot be used."""
+
+
+class TrainingError(DetforgeError):
+    """Training cannot go on (a non-finite loss, a finished run asked to resume, ...)."""
