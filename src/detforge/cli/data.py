@@ -77,7 +77,7 @@ def import_cmd(
     )
     console.print(f"Imported {src} ({format}): {result.dataset.summary()}", highlight=False)
     print_report(result.report)
-    result.report.raise_for_errors(what_to_do="Nothing was written. Fix the errors above and import again.")
+    result.report.raise_for_errors(what_to_do=f"{out} was not written. Fix the errors above and import again.")
     _save(result.dataset, out)
 
 
@@ -118,9 +118,12 @@ def export(
 ) -> None:
     """Export a dataset as COCO or YOLO (images, labels and data.yaml)."""
     from detforge.data.formats.registry import export_dataset
+    from detforge.data.report import Report
 
-    options = {"segments": segments} if format == "yolo" else {}
+    report = Report(str(out))
+    options = {"segments": segments, "report": report} if format == "yolo" else {}
     written = export_dataset(_load(path), format, out, **options)
+    print_report(report)
     console.print(f"Wrote {written}", highlight=False)
 
 

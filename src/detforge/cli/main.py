@@ -79,8 +79,11 @@ app = typer.Typer(
 
 def _register() -> None:
     from detforge.cli.data import data_app
+    from detforge.cli.train import eval_cmd, train_cmd
 
     app.add_typer(data_app, name="data")
+    app.command("train")(train_cmd)
+    app.command("eval")(eval_cmd)
 
 
 @app.command()

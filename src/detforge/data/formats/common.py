@@ -39,15 +39,15 @@ class DatasetBuilder:
             self.categories[name] = len(self.categories) + 1
         return self.categories[name]
 
-    def add_image(self, file_name: str, width: int, height: int, **attributes: Any) -> int:
+    def add_image(self, file_name: str, width: int, height: int, *, attributes: dict[str, Any] | None = None) -> int:
         image_id = len(self.images) + 1
         self.images.append(
-            Image(id=image_id, file_name=file_name, width=width, height=height, attributes=attributes)
+            Image(id=image_id, file_name=file_name, width=width, height=height, attributes=dict(attributes or {}))
         )
         return image_id
 
     def add_box(
-        self, image_id: int, category: str, bbox_xywh: Sequence[float], **attributes: Any
+        self, image_id: int, category: str, bbox_xywh: Sequence[float], *, attributes: dict[str, Any] | None = None
     ) -> Annotation:
         """Add a box-only annotation."""
         x, y, w, h = (float(v) for v in bbox_xywh)
@@ -57,16 +57,16 @@ class DatasetBuilder:
             category_id=self.category_id(category),
             bbox=(x, y, w, h),
             area=w * h,
-            attributes=attributes or UNSET,
+            attributes=dict(attributes) if attributes else UNSET,
         )
         self.annotations.append(ann)
         return ann
 
     def add_polygons(
-        self, image_id: int, category: str, polygons: list[list[float]], **attributes: Any
+        self, image_id: int, category: str, polygons: list[list[float]], *, attributes: dict[str, Any] | None = None
     ) -> Annotation:
         """Add an annotation from flat ``[x1, y1, ...]`` polygons; its box encloses all their points."""
-        ann = self.add_box(image_id, category, box_from_polygons(polygons), **attributes)
+        ann = self.add_box(image_id, category, box_from_polygons(polygons), attributes=attributes)
         ann.segmentation = make_segmentation([[float(v) for v in p] for p in polygons])
         ann.area = sum(polygon_area(p) for p in polygons if len(p) >= 6 and len(p) % 2 == 0)
         return ann
