@@ -37,7 +37,7 @@ _any_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-class Category(Struct, omit_defaults=True):
+class Category(Struct, omit_defaults=True, gc=False):
     """One class. ``keypoints`` and ``skeleton`` (1-based index pairs) only for keypoint datasets."""
 
     id: int
@@ -47,7 +47,7 @@ class Category(Struct, omit_defaults=True):
     skeleton: list[list[int]] = []
 
 
-class Image(Struct, omit_defaults=True):
+class Image(Struct, omit_defaults=True, gc=False):
     """One image; ``file_name`` is relative to the dataset's ``image_root``."""
 
     id: int
@@ -61,7 +61,7 @@ class Image(Struct, omit_defaults=True):
     attributes: dict[str, Any] = {}
 
 
-class Annotation(Struct):
+class Annotation(Struct, gc=False):
     """One object instance. ``bbox`` is ``(x, y, w, h)`` in pixels; ``area`` is the mask area when known.
 
     ``area`` and ``iscrowd`` are always written because COCO evaluation reads them; optional fields left
