@@ -12,10 +12,12 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from detforge.data.curation import Operation, balance, filter_categories, merge, split, subset
 from detforge.data.formats.coco import encode_coco, load_coco, save_coco
 from detforge.data.records import Annotation, Category, Dataset, Image, make_segmentation
+from detforge.data.validate import validate_dataset
 from detforge.errors import DatasetError
 
 CLASSES = ("cat", "dog", "bird", "fish")
@@ -411,13 +413,19 @@ def test_merge_rebases_file_names_on_the_common_folder(tiny_dataset: Path, tmp_p
     assert names_by_image(again) == expected
 
 
-def test_merge_keeps_and_counts_images_with_the_same_path(tiny: Dataset) -> None:
-    out, op = merge([tiny, tiny])
+def test_merge_of_the_same_file_keeps_one_image_with_both_inputs_annotations(tiny: Dataset) -> None:
+    extra = replace(tiny.annotations[0], id=99, bbox=(1.0, 1.0, 5.0, 5.0))
+    second = replace(tiny, annotations=[*tiny.annotations, extra])
+    out, op = merge([tiny, second])
 
-    assert len(out.images) == 8 and out.image_root == tiny.image_root
-    assert [img.file_name for img in out.images[4:]] == [img.file_name for img in tiny.images]
-    assert "4 images have the same path as an image before them (kept both)" in op.summary
+    assert len(out.images) == 4 and out.image_root == tiny.image_root
+    assert [img.file_name for img in out.images] == [img.file_name for img in tiny.images]
+    assert len(out.annotations) == len(tiny.annotations) + 1  # the identical ones once, the new one added
+    assert "4 images were in more than one input" in op.summary
+    assert f"{len(tiny.annotations)} identical annotations dropped" in op.summary
     assert op.params == {"names": ["dataset 1", "dataset 2"]}
+    report = validate_dataset(out, source="merged")
+    assert report.ok, report.summary_lines()
 
 
 def test_merge_joins_categories_by_name_in_order_of_appearance() -> None:

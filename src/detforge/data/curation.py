@@ -439,8 +439,9 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
     dataset that has the name); keypoint categories join only when their keypoint names agree. The merged
     ``image_root`` is the deepest folder holding every input's root, and each ``file_name`` is rewritten
     relative to it, so equal names in different folders stay apart. Two images with the same path (the same
-    root and ``file_name`` in two inputs) are both kept and counted in the summary; note that validation
-    then reports a duplicate ``file_name``. ``info`` and ``licenses`` come from the first dataset.
+    root and ``file_name`` in two inputs) are the same picture: it is kept once with the annotations of both,
+    an annotation identical to one already there (category, box, segmentation) is dropped, and both counts
+    are in the summary. ``info`` and ``licenses`` come from the first dataset.
 
     Args:
         datasets: the inputs, in order.
@@ -457,16 +458,25 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
     root, prefixes = _common_root(datasets, labels)
     images: list[Image] = []
     annotations: list[Annotation] = []
-    paths: set[str] = set()
-    duplicates = 0
+    paths: dict[str, Image] = {}
+    earlier: set[tuple[int, int, tuple[float, ...], bytes]] = set()  # annotations of earlier inputs
+    duplicates = repeated = 0
     for ds, label, prefix, category_map in zip(datasets, labels, prefixes, category_maps, strict=True):
         image_map: dict[int, int] = {}
+        shared: set[int] = set()
+        added: set[tuple[int, int, tuple[float, ...], bytes]] = set()
         for img in ds.images:
             file_name = posixpath.normpath(prefix + img.file_name) if prefix else img.file_name
-            duplicates += file_name in paths
-            paths.add(file_name)
+            known = paths.get(file_name) if isinstance(root, str) else None  # unknown roots: never the same file
+            if known is not None:
+                _check_same_size(known, img, label)
+                duplicates += 1
+                image_map[img.id] = known.id
+                shared.add(known.id)
+                continue
             image_map[img.id] = len(images) + 1
             images.append(replace(img, id=len(images) + 1, file_name=file_name))
+            paths[file_name] = images[-1]
         for ann in ds.annotations:
             image_id = image_map.get(ann.image_id)
             category_id = category_map.get(ann.category_id)
@@ -477,9 +487,15 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
                     "dataset; "
                     "load it with load_coco to see every such error."
                 )
+            key = (image_id, category_id, tuple(ann.bbox), bytes(ann.segmentation) if ann.segmentation else b"")
+            if image_id in shared and key in earlier:
+                repeated += 1
+                continue
+            added.add(key)
             annotations.append(
                 replace(ann, id=len(annotations) + 1, image_id=image_id, category_id=category_id)
             )
+        earlier |= added
     first = datasets[0]
     out = Dataset(
         info=first.info,
@@ -500,8 +516,19 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
         + (f" under {root}" if isinstance(root, str) else "")
     )
     if duplicates:
-        summary += f"; {duplicates:,} images have the same path as an image before them (kept both)"
+        summary += (
+            f"; {duplicates:,} images were in more than one input (kept once with the annotations of both; "
+            f"{repeated:,} identical annotations dropped)"
+        )
     return out, Operation("merge", {"names": list(labels)}, summary)
+
+
+def _check_same_size(known: Image, img: Image, label: str) -> None:
+    if (known.width, known.height) != (img.width, img.height):
+        raise DatasetError(
+            f"merge: {label}, image '{img.file_name}' is {img.width}x{img.height} but the same file is "
+            f"{known.width}x{known.height} in an earlier input; fix the sizes (detforge data validate) first."
+        )
 
 
 def _check_input_names(names: Sequence[str] | None, count: int) -> list[str]:
