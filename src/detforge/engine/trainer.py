@@ -73,9 +73,9 @@ class Trainer:
     def fit(self) -> None:
         """Train until ``max_iter`` or until a callback calls :meth:`stop`."""
         self.model.train()
-        self._batches = iter(self.loader)
         try:
-            self.dispatch("on_fit_start")
+            self.dispatch("on_fit_start")  # before iter(): a callback may wrap ``trainer.loader``
+            self._batches = iter(self.loader)
             while self.iteration < self.max_iter and self.stop_reason is None:
                 out = self.run_step()
                 self.iteration += 1
