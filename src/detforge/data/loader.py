@@ -434,7 +434,14 @@ def build_train_loader(
     return _Loader(
         dataset, batch_sampler=sampler, collate_fn=collate_detection, num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available(), worker_init_fn=_init_worker,
+        generator=_own_generator(seed),
     )
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """A DataLoader draws its workers' base seed when iterated; from its own generator, not the global RNG, so
+    creating a loader (at the start, at resume, at each evaluation) never shifts the training RNG stream."""
+    return torch.Generator().manual_seed(seed)
 
 
 def build_eval_loader(
@@ -451,5 +458,5 @@ def build_eval_loader(
     return _Loader(
         dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world_size)),
         collate_fn=collate_detection, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=_init_worker,
+        pin_memory=torch.cuda.is_available(), worker_init_fn=_init_worker, generator=_own_generator(0),
     )

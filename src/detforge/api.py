@@ -1,0 +1,283 @@
+"""The public entry points ``train()`` and ``evaluate()``: they wire data, model, engine and evaluation.
+
+The engine knows nothing of evaluation or tracking; this module is where they meet, as callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from detforge.config import Config, load_config, save_config
+from detforge.data.formats.coco import load_coco
+from detforge.data.loader import build_eval_loader, build_train_loader
+from detforge.data.records import Dataset
+from detforge.data.transforms import keypoint_flip_map
+from detforge.engine.callbacks import Callback, EarlyStopping, MetricsLog, ProgressBar
+from detforge.engine.checkpoint import BEST_NAME, FINAL_NAME, Checkpointer, find_resume_checkpoint, load_checkpoint
+from detforge.engine.distributed import DistInfo, init_distributed, resolve_device
+from detforge.engine.ema import ModelEma
+from detforge.engine.optim import build_optimizer, build_scheduler, scale_schedule
+from detforge.engine.trainer import Trainer
+from detforge.errors import ConfigError, DatasetError, TrainingError
+from detforge.evaluation.callback import EvalCallback, evaluate_model
+from detforge.evaluation.coco import EvalResult
+from detforge.models.build import MODELS, build_model
+
+console = Console(stderr=True)
+ConfigLike = Config | str | os.PathLike[str] | dict[str, Any]
+
+
+@dataclass
+class TrainResult:
+    """What a run left behind."""
+
+    output_dir: Path
+    iteration: int
+    final_checkpoint: Path | None
+    best_checkpoint: Path | None
+    metrics: dict[str, float]
+    stop_reason: str | None
+
+
+@dataclass
+class RunData:
+    """The datasets of a run and what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset | None
+    class_names: list[str]
+    keypoint_names: list[str]
+
+
+def load_run_data(cfg: Config) -> RunData:
+    """Load (and validate) the training and validation sets; their class lists must agree."""
+    train = load_coco(cfg.data.train, image_root=cfg.data.train_images)
+    val = load_coco(cfg.data.val, image_root=cfg.data.val_images) if cfg.data.val else None
+    names = train.class_names
+    if val is not None and val.class_names != names:
+        raise DatasetError(
+            f"{cfg.data.val}: categories {val.class_names} differ from the training set's {names} "
+            f"({cfg.data.train}). Filter both with the same `detforge data filter --categories ...`."
+        )
+    keypoints = next((c.keypoints for c in train.categories if c.keypoints), [])
+    return RunData(train, val, names, list(keypoints))
+
+
+def _task_needs(cfg: Config, data: RunData) -> tuple[bool, bool, tuple[str, ...]]:
+    """(with_masks, with_keypoints, iou_types) for the configured architecture."""
+    spec = MODELS.get(cfg.model.arch)
+    task = spec.task if spec is not None else "detection"
+    with_masks, with_keypoints = task == "segmentation", task == "keypoints"
+    if with_masks and not any(a.segmentation for a in data.train.annotations):
+        raise DatasetError(f"{cfg.data.train}: model '{cfg.model.arch}' needs masks, but no annotation has one.")
+    if with_keypoints and not data.keypoint_names:
+        raise DatasetError(f"{cfg.data.train}: model '{cfg.model.arch}' needs keypoints; no category declares any.")
+    iou_types = ("bbox",) + (("segm",) if with_masks else ()) + (("keypoints",) if with_keypoints else ())
+    return with_masks, with_keypoints, iou_types
+
+
+def build_run_model(cfg: Config, data: RunData, device: torch.device) -> nn.Module:
+    """The configured model for this data, with its weights loaded, on ``device``."""
+    model = build_model(
+        cfg.model,
+        num_classes=len(data.class_names),
+        min_size=cfg.data.min_size,
+        max_size=cfg.data.max_size,
+        num_keypoints=len(data.keypoint_names) or None,
+    )
+    report = getattr(model, "weights_report", None)
+    if report is not None:
+        console.print(f"weights: {report.summary()}", highlight=False)
+    return model.to(device)
+
+
+def train(
+    config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False, callbacks: list[Callback] = ()
+) -> TrainResult:
+    """Train as ``config`` says (a Config, a YAML path or a dict, plus dotted overrides).
+
+    With ``resume`` the run continues from the last checkpoint in ``output.dir``: the same weights, optimizer,
+    schedule, RNG states and data order as if it had never stopped. ``callbacks`` run after the built-in ones.
+    """
+    cfg = load_config(config, overrides)
+    dist_info = init_distributed(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device, dist_info)
+    out_dir = Path(cfg.output.dir)
+    _set_determinism(cfg)
+    data = load_run_data(cfg)
+    with_masks, with_keypoints, iou_types = _task_needs(cfg, data)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_run_model(cfg, data, device)
+    schedule = scale_schedule(cfg.train, eval_period=cfg.eval.period, world_size=dist_info.world_size)
+    optimizer = build_optimizer(model, cfg.train, lr=schedule.lr)
+    ema = ModelEma(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+    if dist_info.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+        console.print(f"schedule: {schedule.describe()}", highlight=False)
+
+    built_in = _callbacks(
+        cfg, data, schedule.eval_period, schedule.checkpoint_period, iou_types, device, dist_info, with_masks
+    )
+    trainer = Trainer(
+        _maybe_ddp(model, device, dist_info),
+        optimizer,
+        [],
+        max_iter=schedule.max_iter,
+        scheduler=build_scheduler(optimizer, cfg.train, schedule),
+        accumulate=cfg.train.accumulate,
+        clip_grad_norm=cfg.train.clip_grad_norm,
+        amp=_amp(cfg, device),
+        device=device,
+        ema=ema,
+        callbacks=built_in + list(callbacks),
+        is_main=dist_info.is_main,
+    )
+    torch.manual_seed(cfg.train.seed + dist_info.rank)
+    if resume:
+        _resume(trainer, out_dir, schedule.max_iter)
+    trainer.loader = build_train_loader(
+        data.train,
+        cfg.data,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        with_masks=with_masks,
+        with_keypoints=with_keypoints,
+        flip_map=keypoint_flip_map(data.keypoint_names) if data.keypoint_names else None,
+        start_batch=trainer.iteration * cfg.train.accumulate,
+    )
+    trainer.fit()
+    return _result(trainer, out_dir)
+
+
+def _callbacks(
+    cfg: Config,
+    data: RunData,
+    eval_period: int,
+    checkpoint_period: int,
+    iou_types: tuple[str, ...],
+    device: torch.device,
+    dist_info: DistInfo,
+    with_masks: bool,
+) -> list[Callback]:
+    out_dir = Path(cfg.output.dir)
+    callbacks: list[Callback] = []
+    if data.val is not None:
+        val, loader = (
+            data.val,
+            build_eval_loader(
+                data.val,
+                cfg.data,
+                batch_size=cfg.eval.batch_size,
+                rank=dist_info.rank,
+                world_size=dist_info.world_size,  # evaluation reads only image ids from the targets
+            ),
+        )
+
+        def run_eval(model: nn.Module, iteration: int) -> EvalResult | None:
+            return evaluate_model(
+                model,
+                val,
+                loader,
+                iou_types=iou_types,
+                device=device,
+                dist_info=dist_info,
+                out_dir=out_dir / "eval" / f"iter_{iteration:07d}",
+            )
+
+        callbacks.append(EvalCallback(run_eval, period=eval_period, dist_info=dist_info))
+    callbacks.append(
+        Checkpointer(
+            out_dir,
+            period=checkpoint_period,
+            keep_last=cfg.train.keep_last,
+            best_metric=cfg.eval.best_metric if data.val is not None else None,
+            best_mode=cfg.eval.best_mode,
+            metadata={
+                "config": cfg.model_dump(mode="json"),
+                "class_names": data.class_names,
+                "keypoint_names": data.keypoint_names,
+                "arch": cfg.model.arch,
+            },
+        )
+    )
+    if cfg.eval.patience and data.val is not None:
+        callbacks.append(EarlyStopping(cfg.eval.best_metric, mode=cfg.eval.best_mode, patience=cfg.eval.patience))
+    callbacks += [MetricsLog(out_dir / "metrics.jsonl", period=cfg.train.log_period), ProgressBar()]
+    return callbacks
+
+
+def _resume(trainer: Trainer, out_dir: Path, max_iter: int) -> None:
+    path = find_resume_checkpoint(out_dir)
+    if path is None:
+        console.print(f"resume: no checkpoint in {out_dir}; starting from iteration 0.", highlight=False)
+        return
+    state = load_checkpoint(path)
+    if int(state["iteration"]) >= max_iter:
+        raise TrainingError(
+            f"{out_dir} already finished at iteration {state['iteration']} (max_iter {max_iter}). To train longer, "
+            f"resume with a larger max_iter, e.g. `detforge train CONFIG train.max_iter={2 * max_iter} --resume`."
+        )
+    trainer.load_state_dict(state)
+    console.print(f"resume: continuing from {path.name} (iteration {trainer.iteration})", highlight=False)
+
+
+def _maybe_ddp(model: nn.Module, device: torch.device, dist_info: DistInfo) -> nn.Module:
+    if not dist_info.distributed:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _amp(cfg: Config, device: torch.device) -> str:
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs CUDA; on this device use train.amp=bf16 or off.")
+    return cfg.train.amp
+
+
+def _set_determinism(cfg: Config) -> None:
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _result(trainer: Trainer, out_dir: Path) -> TrainResult:
+    best = out_dir / BEST_NAME
+    final = out_dir / FINAL_NAME
+    metrics = next((cb.metrics for cb in trainer.callbacks if isinstance(cb, Checkpointer)), {})
+    return TrainResult(
+        out_dir,
+        trainer.iteration,
+        final if final.exists() else None,
+        best if best.exists() else None,
+        metrics,
+        trainer.stop_reason,
+    )
+
+
+def evaluate(config: ConfigLike, overrides: list[str] | None = None) -> EvalResult:
+    """Evaluate ``model.weights`` on ``data.val``; results go to ``output.dir/eval``."""
+    cfg = load_config(config, overrides)
+    if not cfg.model.weights:
+        raise ConfigError("evaluate needs model.weights (a checkpoint path, URL or torchvision name).")
+    if not cfg.data.val:
+        raise ConfigError("evaluate needs data.val (the COCO json to evaluate on).")
+    device = resolve_device(cfg.train.device)
+    data = load_run_data(cfg)
+    with_masks, _, iou_types = _task_needs(cfg, data)
+    model = build_run_model(cfg, data, device)
+    loader = build_eval_loader(data.val, cfg.data, batch_size=cfg.eval.batch_size)
+    result = evaluate_model(
+        model, data.val, loader, iou_types=iou_types, device=device, out_dir=Path(cfg.output.dir) / "eval"
+    )
+    assert result is not None  # a single process is always the main one
+    return result
