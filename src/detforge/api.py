@@ -21,7 +21,7 @@ from detforge.data.records import Dataset
 from detforge.data.transforms import keypoint_flip_map
 from detforge.engine.callbacks import Callback, EarlyStopping, MetricsLog, ProgressBar
 from detforge.engine.checkpoint import BEST_NAME, FINAL_NAME, Checkpointer, find_resume_checkpoint, load_checkpoint
-from detforge.engine.distributed import DistInfo, init_distributed, resolve_device
+from detforge.engine.distributed import DistInfo, init_distributed, resolve_device, shutdown_distributed
 from detforge.engine.ema import ModelEma
 from detforge.engine.optim import build_optimizer, build_scheduler, scale_schedule
 from detforge.engine.trainer import Trainer
@@ -154,7 +154,10 @@ def train(
         flip_map=keypoint_flip_map(data.keypoint_names) if data.keypoint_names else None,
         start_batch=trainer.iteration * cfg.train.accumulate,
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        shutdown_distributed()
     return _result(trainer, out_dir)
 
 
