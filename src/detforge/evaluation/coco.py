@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import orjson
 from pycocotools import mask as mask_util
+from rich.console import Console
 from rich.table import Table
 
 from detforge.data.formats.coco import encode_coco
@@ -105,9 +106,13 @@ class EvalResult:
         return table
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``metrics.json`` (:meth:`to_dict`) and ``results.json`` atomically; return the folder."""
+        """Write ``metrics.json`` (:meth:`to_dict`), ``results.json`` and the per-class table as
+        ``per_class_ap.txt``, atomically; return the folder."""
         folder = Path(folder)
         atomic_write_bytes(folder / "metrics.json", orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2))
+        text = Console(file=io.StringIO(), width=100, color_system=None)
+        text.print(self.table())
+        atomic_write_bytes(folder / "per_class_ap.txt", text.file.getvalue().encode())  # type: ignore[attr-defined]
         atomic_write_bytes(folder / "results.json", orjson.dumps(self.results, option=orjson.OPT_SERIALIZE_NUMPY))
         return folder
 

@@ -1,0 +1,110 @@
+"""detforge.train() and detforge.evaluate() through the public API and the CLI, on the tiny dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import detforge
+from detforge.cli.main import app
+from detforge.config import ModelConfig
+from detforge.data.formats.coco import load_coco
+from detforge.data.loader import DetectionDataset, collate_detection
+from detforge.engine.checkpoint import load_checkpoint
+from detforge.errors import DatasetError
+from detforge.evaluation.coco import evaluate_coco
+from detforge.models.build import build_model
+
+
+def tiny_config(tiny_dataset: Path, out: Path, **train: Any) -> dict[str, Any]:
+    return {
+        "data": {
+            "train": str(tiny_dataset),
+            "val": str(tiny_dataset),
+            "min_size": [64],
+            "max_size": 64,
+            "num_workers": 0,
+        },
+        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "score_threshold": 0.0},
+        "train": {"max_iter": 4, "batch_size": 2, "warmup_iters": 1, "checkpoint_period": 2, **train},
+        "eval": {"period": 2, "best_metric": "bbox/AR100"},
+        "output": {"dir": str(out)},
+    }
+
+
+def test_train_writes_config_checkpoints_evaluations_and_evaluate_reproduces_them(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    result = detforge.train(tiny_config(tiny_dataset, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert result.iteration == 4 and result.final_checkpoint == run / "model_final.pt"
+    assert result.best_checkpoint == run / "model_best.pt"
+    assert (run / "config.yaml").read_text().startswith("data:")
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["iter_0000002", "iter_0000004"]
+    final_eval = json.loads((run / "eval" / "iter_0000004" / "metrics.json").read_text())["metrics"]
+    assert final_eval == result.metrics
+    meta = load_checkpoint(result.final_checkpoint)["metadata"]
+    assert meta["class_names"] == ["circle", "square"] and meta["metrics"] == result.metrics
+
+    output = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(run / "config.yaml"),
+            f"model.weights={result.final_checkpoint}",
+            f"output.dir={tmp_path / 'evaluated'}",
+        ],
+    )
+    assert output.exit_code == 0, output.output
+    assert "COCO AP per class" in output.output and "circle" in output.output
+    again = json.loads((tmp_path / "evaluated" / "eval" / "metrics.json").read_text())["metrics"]
+    assert again == pytest.approx(result.metrics)
+
+
+def test_both_coco_backends_agree_on_a_trained_models_predictions(tiny_dataset: Path, tmp_path: Path) -> None:
+    detforge.train(tiny_config(tiny_dataset, tmp_path / "run"), ["eval.period=0"])
+    results = json.loads((tmp_path / "run" / "eval" / "iter_0000004" / "results.json").read_text())
+    assert results, "an untrained model at score threshold 0 still returns boxes"
+    gt = load_coco(tiny_dataset)
+    faster = evaluate_coco(gt, results, backend="faster").metrics
+    reference = evaluate_coco(gt, results, backend="pycocotools").metrics
+    assert faster == pytest.approx(reference, abs=1e-12)
+
+
+def test_an_image_without_boxes_gives_zero_box_regression_loss(tiny_dataset: Path) -> None:
+    ds = load_coco(tiny_dataset)
+    dataset = DetectionDataset(ds, include_empty=True)
+    empty = next(i for i in range(len(dataset)) if len(dataset[i][1]["boxes"]) == 0)
+    images, targets = collate_detection([dataset[empty]])
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(arch="fasterrcnn_mobilenet_v3_large_320_fpn"), num_classes=2, min_size=[64], max_size=64
+    )
+    model.train()
+    losses = model([images[0].float() / 255 if images[0].dtype == torch.uint8 else images[0]], targets)
+    assert losses["loss_box_reg"].item() == 0.0
+    assert losses["loss_rpn_box_reg"].item() == 0.0
+    assert losses["loss_classifier"].item() > 0 and losses["loss_objectness"].item() > 0
+
+
+def test_a_mask_model_on_box_only_data_and_disagreeing_classes_are_clear_errors(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    data = json.loads(tiny_dataset.read_text())
+    for ann in data["annotations"]:
+        del ann["segmentation"]
+    boxes_only = tiny_dataset.with_name("boxes.json")
+    boxes_only.write_text(json.dumps(data))
+    config = tiny_config(boxes_only, tmp_path / "run")
+    with pytest.raises(DatasetError, match="needs masks, but no annotation has one"):
+        detforge.train(config, ["model.arch=maskrcnn_mobilenet_v3_large_fpn"])
+    data["categories"][1]["name"] = "box"
+    other = tiny_dataset.with_name("other.json")
+    other.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="differ from the training set"):
+        detforge.train(config, [f"data.val={other}"])
