@@ -79,6 +79,11 @@ def _task_needs(cfg: Config, data: RunData) -> tuple[bool, bool, tuple[str, ...]
         raise DatasetError(f"{cfg.data.train}: model '{cfg.model.arch}' needs masks, but no annotation has one.")
     if with_keypoints and not data.keypoint_names:
         raise DatasetError(f"{cfg.data.train}: model '{cfg.model.arch}' needs keypoints; no category declares any.")
+    if spec is not None and spec.family == "ssd" and cfg.train.batch_size < 2:
+        raise ConfigError(
+            f"{cfg.model.arch} cannot train on one image per step (its last BatchNorm layers see 1x1 maps); "
+            "set train.batch_size=2 or more."
+        )
     iou_types = ("bbox",) + (("segm",) if with_masks else ()) + (("keypoints",) if with_keypoints else ())
     return with_masks, with_keypoints, iou_types
 
