@@ -56,3 +56,10 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config({"data": {"train": "a.json"}}, ["train.lr=0.1"])
     path = save_config(cfg, tmp_path / "config.yaml")
     assert load_config(path) == cfg
+
+
+def test_docs_config_reference_is_up_to_date() -> None:
+    from detforge.config import config_reference
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert docs.read_text() == config_reference(), "run: detforge config-reference --out docs/config.md"

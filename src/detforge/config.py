@@ -46,7 +46,9 @@ class DataConfig(_Section):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     include_empty: bool = Field(True, description="Use images without annotations as negatives.")
     aspect_ratio_grouping: bool = Field(True, description="Batch images of like aspect ratio together.")
-    min_size: list[int] = Field([512], description="Shortest-edge sizes; one is drawn per training image.")
+    min_size: list[int] = Field(
+        [512], description="Shortest-edge sizes; the model draws one per training batch and uses the last for eval."
+    )
     max_size: int = Field(853, gt=0, description="Longest edge after resizing.")
     hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
     color_jitter: float = Field(0.0, ge=0, le=1, description="Strength of brightness/contrast/saturation jitter.")
@@ -61,7 +63,10 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The architecture and its weights."""
 
-    arch: str = Field("fasterrcnn_mobilenet_v3_large_fpn", description="Model name (see `detforge models`).")
+    arch: str = Field(
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        description="Architecture name (the list is in the README, section Models).",
+    )
     weights: str | None = Field(
         None, description="Whole-model weights: a path, an http(s) URL or a torchvision name such as COCO_V1."
     )
@@ -84,21 +89,21 @@ class TrainConfig(_Section):
     reference_batch_size: int | None = Field(
         None, gt=0, description="Batch the lr and step counts are written for; scaled linearly to the real one."
     )
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum, or AdamW.")
     lr: float = Field(0.02, gt=0, description="Learning rate at the reference batch size.")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Literal["multistep", "cosine", "constant"] = "multistep"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay (not applied to norms and biases).")
+    scheduler: Literal["multistep", "cosine", "constant"] = Field("multistep", description="LR decay after warm-up.")
     steps: list[int] = Field([], description="Iterations at which multistep decays the lr.")
     gamma: float = Field(0.1, gt=0, le=1, description="Multistep decay factor.")
-    warmup_iters: int = Field(100, ge=0)
-    warmup_factor: float = Field(0.001, gt=0, le=1)
+    warmup_iters: int = Field(100, ge=0, description="Iterations of linear lr warm-up.")
+    warmup_factor: float = Field(0.001, gt=0, le=1, description="LR factor at the start of warm-up.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
     amp: Literal["off", "fp16", "bf16"] = Field("off", description="Mixed precision on CUDA.")
     ema: bool = Field(False, description="Keep an exponential moving average of the weights.")
-    ema_decay: float = Field(0.9998, gt=0, lt=1)
+    ema_decay: float = Field(0.9998, gt=0, lt=1, description="EMA decay (warmed up over the first steps).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of weights, data order and augmentation.")
     deterministic: bool = Field(False, description="Use deterministic algorithms (slower; exact resume).")
     checkpoint_period: int = Field(500, gt=0, description="Save a checkpoint every N iterations.")
     keep_last: int = Field(2, gt=0, description="Periodic checkpoints kept besides the best and the last.")
@@ -116,9 +121,9 @@ class EvalConfig(_Section):
 
     period: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
     best_metric: str = Field("bbox/AP", description="Metric that picks the best checkpoint, e.g. segm/AP50.")
-    best_mode: Literal["max", "min"] = "max"
+    best_mode: Literal["max", "min"] = Field("max", description="Whether larger or smaller best_metric is better.")
     patience: int | None = Field(None, gt=0, description="Stop after this many evaluations without improvement.")
-    batch_size: int = Field(2, gt=0)
+    batch_size: int = Field(2, gt=0, description="Images per evaluation batch.")
 
 
 class OutputConfig(_Section):
@@ -268,3 +273,35 @@ def config_to_yaml(cfg: Config) -> str:
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
     """Write the resolved config atomically."""
     return atomic_write_text(path, config_to_yaml(cfg))
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key (what ``docs/config.md`` holds), generated from the schema."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `detforge.config` by `detforge config-reference --out docs/config.md`; a test fails when",
+        "this file is stale. Set keys in a YAML file or as `section.key=value` overrides.",
+        "",
+    ]
+    for name, field in Config.model_fields.items():
+        section: type[BaseModel] = field.annotation  # type: ignore[assignment]
+        lines += [
+            f"## `{name}`",
+            "",
+            (section.__doc__ or "").strip(),
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key, sub in section.model_fields.items():
+            default = "required" if sub.is_required() else f"`{sub.default!r}`"
+            kind = _type_name(sub.annotation)
+            lines.append(f"| `{name}.{key}` | {kind} | {default} | {sub.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return f"`{text}`".replace("|", "\\|")

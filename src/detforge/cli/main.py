@@ -86,6 +86,21 @@ def _register() -> None:
     app.command("eval")(eval_cmd)
 
 
+@app.command("config-reference")
+def config_reference_cmd(
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of printing.")] = None,
+) -> None:
+    """Print (or write) the Markdown reference of every config key."""
+    from detforge.config import config_reference
+    from detforge.files import atomic_write_text
+
+    text = config_reference()
+    if out is None:
+        print(text)
+    else:
+        atomic_write_text(out, text)
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-output"),
