@@ -219,7 +219,10 @@ def _callbacks(
     )
     if cfg.eval.patience and data.val is not None:
         callbacks.append(EarlyStopping(cfg.eval.best_metric, mode=cfg.eval.best_mode, patience=cfg.eval.patience))
-    callbacks += [MetricsLog(out_dir / "metrics.jsonl", period=cfg.train.log_period), ProgressBar()]
+    callbacks += [
+        MetricsLog(out_dir / "metrics.jsonl", period=cfg.train.log_period),
+        ProgressBar(period=cfg.train.log_period),
+    ]
     return callbacks
 
 

@@ -20,12 +20,17 @@ from rich.progress import (
 T = TypeVar("T")
 
 
-def progress_enabled() -> bool:
-    """Bars are drawn on a terminal; DETFORGE_PROGRESS=1/0 forces them on or off."""
+def progress_mode() -> str:
+    """ "bar" on a terminal, "lines" elsewhere (logs), "off" with DETFORGE_PROGRESS=0; =1 forces bars."""
     forced = os.environ.get("DETFORGE_PROGRESS")
     if forced is not None:
-        return forced not in ("0", "", "false", "no")
-    return sys.stderr.isatty()
+        return "off" if forced in ("0", "", "false", "no") else "bar"
+    return "bar" if sys.stderr.isatty() else "lines"
+
+
+def progress_enabled() -> bool:
+    """Whether to draw bars (see :func:`progress_mode`)."""
+    return progress_mode() == "bar"
 
 
 def track(items: Iterable[T], description: str, *, total: int | None = None) -> Iterator[T]:

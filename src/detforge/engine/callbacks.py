@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from detforge.progress import progress_enabled
+from detforge.progress import progress_mode
 
 if TYPE_CHECKING:
     from detforge.engine.trainer import Trainer
@@ -134,15 +135,21 @@ def _line_iteration(line: str) -> float:
 
 
 class ProgressBar(Callback):
-    """A rich bar with ETA, it/s, the loss terms and the lr (main process, on terminals)."""
+    """A rich bar with ETA, it/s, the loss terms and the lr on terminals (main process only); elsewhere, such as
+    in CI logs, one plain line every ``period`` steps (see :func:`detforge.progress.progress_mode`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, period: int = 20) -> None:
         self._bar: Progress | None = None
         self._task: Any = None
         self._started = 0.0
+        self._first = 0
+        self.period = period
+        self._lines = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if not (trainer.is_main and progress_enabled()):
+        self._started, self._first = time.perf_counter(), trainer.iteration
+        self._lines = trainer.is_main and progress_mode() == "lines"
+        if not (trainer.is_main and progress_mode() == "bar"):
             return
         self._bar = Progress(
             TextColumn("[bold]train"),
@@ -159,17 +166,28 @@ class ProgressBar(Callback):
         self._first = trainer.iteration
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
-        if self._bar is None:
+        if self._bar is None and not self._lines:
             return
-        rate = (out.iteration - self._first) / max(time.perf_counter() - self._started, 1e-9)
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        rate = (out.iteration - self._first) / elapsed
         terms = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in out.losses.items())
         info = f"loss={out.total_loss:.3f} {terms} lr={out.lr:.2e}"
-        self._bar.update(self._task, completed=out.iteration, rate=f"{rate:.2f} it/s", info=info)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=out.iteration, rate=f"{rate:.2f} it/s", info=info)
+        elif out.iteration % self.period == 0 or out.iteration == trainer.max_iter:
+            eta = (trainer.max_iter - out.iteration) / max(rate, 1e-9)
+            print(
+                f"iter {out.iteration}/{trainer.max_iter} {rate:.2f} it/s eta {eta:.0f}s {info}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") == 1)
         if self._bar is not None:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") == 1)
             self._bar.console.print(f"[cyan]eval @ {trainer.iteration}:[/] {shown}", highlight=False)
+        elif self._lines:
+            print(f"eval @ {trainer.iteration}: {shown}", file=sys.stderr, flush=True)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self._bar is not None:
