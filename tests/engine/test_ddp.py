@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from detforge.config import ModelConfig
@@ -70,6 +71,8 @@ def test_two_ranks_see_disjoint_images_and_rank_zero_writes_a_loadable_checkpoin
     )
     model.load_state_dict(state["model"])  # no "module." prefix: rank 0 saved the unwrapped model
     assert (tmp_path / "run" / "eval" / "iter_0000002" / "metrics.json").is_file()
+    rngs = load_checkpoint(tmp_path / "run" / "model_0000002.pt")["rng_per_rank"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # each rank resumes its own
 
 
 @pytest.mark.slow

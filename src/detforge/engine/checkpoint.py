@@ -100,6 +100,7 @@ class Checkpointer(Callback):
         done = out.iteration >= trainer.max_iter or trainer.stop_reason is not None
         if out.iteration % self.period and not done:
             return
+        trainer.gather_rng_states()  # every rank takes part; rank 0 writes them all
         if trainer.is_main:
             path = self._write(trainer, f"model_{out.iteration:07d}.pt")
             (self.folder / LAST_POINTER).write_text(path.name)

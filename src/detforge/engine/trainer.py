@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from detforge.engine.callbacks import Callback, StepOutput
@@ -64,6 +65,7 @@ class Trainer:
         self.iteration = 0
         self.stop_reason: str | None = None
         self._batches: Iterator[Batch] | None = None
+        self._rng_per_rank: list[dict[str, Any]] | None = None
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -137,6 +139,17 @@ class Trainer:
             "intact. Lower train.lr, raise train.warmup_iters or set train.clip_grad_norm, then resume."
         )
 
+    def gather_rng_states(self) -> None:
+        """Collect every rank's RNG state for the next :meth:`state_dict` (call on all ranks at once: the
+        checkpoint written by rank 0 then resumes each rank on its own random stream)."""
+        state = _rng_state()
+        if dist.is_available() and dist.is_initialized():
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+            self._rng_per_rank = states
+        else:
+            self._rng_per_rank = [state]
+
     def stop(self, reason: str) -> None:
         """Ask the loop to end after the current step (for early stopping and the like)."""
         self.stop_reason = reason
@@ -155,7 +168,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "iteration": self.iteration,
-            "rng": _rng_state(),
+            "rng": self._rng_per_rank[0] if self._rng_per_rank else _rng_state(),
+            "rng_per_rank": self._rng_per_rank or [_rng_state()],
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
 
@@ -170,7 +184,9 @@ class Trainer:
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         self.iteration = int(state["iteration"])
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        _set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
         for callback, cb_state in zip(self.callbacks, state.get("callbacks", []), strict=False):
             callback.load_state_dict(cb_state)
 
