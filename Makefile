@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch/torchvision pinned to the builds served on this kind of machine; see README "Installing".
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,wandb]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,1 @@
+"""Tracking: the MLflow (default) or W&B record of runs, and the versioned datasets, models and evaluations."""

@@ -1,0 +1,145 @@
+"""A local spool of tracking operations: nothing is lost when the tracking server goes away.
+
+Every operation (metric points, tags, artifacts, model versions) is first appended to
+``<run dir>/tracking/spool.jsonl`` and then sent by a background thread. The number of operations known to be
+in the store is kept in ``spool.done``. When the server is unreachable the thread retries with back-off while
+training goes on; whatever is still pending when the run ends stays in the spool and is sent by
+``detforge sync RUN_DIR`` (or by the next resume of the run).
+
+Delivery is at least once: an operation whose reply was lost may be sent again (a duplicated metric point,
+never a missing one). Artifacts are referenced by path, so the spool stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from detforge.files import atomic_write_text
+
+Op = dict[str, Any]
+Sender = Callable[[list[Op]], None]
+
+SPOOL_NAME = "spool.jsonl"
+DONE_NAME = "spool.done"
+
+
+class Spool:
+    """Append-only operation log with a background sender.
+
+    Args:
+        folder: where ``spool.jsonl`` and ``spool.done`` live.
+        send: sends a list of operations to the store; raises when the store is unreachable.
+        flush_seconds: how often the background thread sends what is pending.
+        max_batch: operations sent in one call.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike[str], send: Sender, *, flush_seconds: float = 5.0, max_batch: int = 500
+    ) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.done_path = self.folder / SPOOL_NAME, self.folder / DONE_NAME
+        self.send, self.flush_seconds, self.max_batch = send, flush_seconds, max_batch
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ops: list[Op] = _read_ops(self.path)
+        self._done = _read_done(self.done_path, len(self._ops))
+        self._file = self.path.open("a", encoding="utf-8")
+        if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            self._file.write("\n")  # end a line cut by a crash, so the next op starts on its own line
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self.failures = 0
+
+    @property
+    def pending(self) -> int:
+        """Operations not yet known to be in the store."""
+        with self._lock:
+            return len(self._ops) - self._done
+
+    def append(self, op: Op) -> None:
+        """Record ``op`` (cheap: one buffered line; the file is flushed by the sender)."""
+        line = json.dumps(op, separators=(",", ":"), allow_nan=True)
+        with self._lock:
+            self._ops.append(op)
+            self._file.write(line + "\n")
+
+    def start(self) -> None:
+        """Start the background sender."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="detforge-tracking", daemon=True)
+            self._thread.start()
+
+    def flush(self, *, timeout: float | None = None) -> bool:
+        """Send everything pending now (retrying until ``timeout`` seconds); True when nothing is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._send_pending():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(min(1.0, self.flush_seconds))
+
+    def close(self, *, timeout: float = 30.0) -> bool:
+        """Stop the sender, try to send the rest for ``timeout`` seconds; True when nothing is left."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        ok = self.flush(timeout=timeout)
+        with self._lock:
+            self._file.close()
+        return ok
+
+    def _run(self) -> None:
+        delay = self.flush_seconds
+        while not self._stop.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            delay = self.flush_seconds if self._send_pending() else min(delay * 2, 60.0)
+
+    def _send_pending(self) -> bool:
+        with self._lock:
+            self._file.flush()
+            batch = self._ops[self._done : self._done + self.max_batch]
+        while batch:
+            try:
+                self.send(batch)
+            except Exception as exc:  # the store is down or refused: keep the ops, retry later
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.failures += 1
+                return False
+            with self._lock:
+                self._done += len(batch)
+                atomic_write_text(self.done_path, str(self._done))
+                batch = self._ops[self._done : self._done + self.max_batch]
+        return True
+
+
+def _read_ops(path: Path) -> list[Op]:
+    if not path.is_file():
+        return []
+    ops = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            ops.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: it was never sent either
+            continue
+    return ops
+
+
+def _read_done(path: Path, total: int) -> int:
+    try:
+        return min(int(path.read_text().strip()), total)
+    except (OSError, ValueError):
+        return 0
