@@ -64,9 +64,22 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return _write_tiny(tmp_path / "tiny")
 
 
+@pytest.fixture(scope="module")
+def module_tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset, once per test module (for module-scoped fixtures such as a shared training run)."""
+    return _write_tiny(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real datasets; tests that use them are skipped where the folder is absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own embedded tracking store, never the developer's ``./.detforge``."""
+    monkeypatch.setenv("DETFORGE_WORKDIR", str(tmp_path_factory.mktemp("workdir")))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -33,6 +33,7 @@ def tiny_config(tiny_dataset: Path, out: Path, **train: Any) -> dict[str, Any]:
         "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "score_threshold": 0.0},
         "train": {"max_iter": 4, "batch_size": 2, "warmup_iters": 1, "checkpoint_period": 2, **train},
         "eval": {"period": 2, "best_metric": "bbox/AR100"},
+        "tracking": {"backend": "none"},
         "output": {"dir": str(out)},
     }
 

@@ -6,7 +6,8 @@ The engine knows nothing of evaluation or tracking; this module is where they me
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,12 @@ from detforge.engine.trainer import Trainer
 from detforge.errors import ConfigError, DatasetError, TrainingError
 from detforge.evaluation.callback import EvalCallback, evaluate_model
 from detforge.evaluation.coco import EvalResult
+from detforge.evaluation.report import write_report
 from detforge.models.build import MODELS, build_model
+from detforge.tracking import registry as _registry  # registers the model: weights resolver
+from detforge.tracking.datasets import is_dataset_ref
+from detforge.tracking.store import open_store
+from detforge.tracking.tracker import RunContext, build_tracker
 
 console = Console(stderr=True)
 ConfigLike = Config | str | os.PathLike[str] | dict[str, Any]
@@ -56,10 +62,14 @@ class RunData:
     keypoint_names: list[str]
 
 
-def load_run_data(cfg: Config) -> RunData:
-    """Load (and validate) the training and validation sets; their class lists must agree."""
-    train = load_coco(cfg.data.train, image_root=cfg.data.train_images)
-    val = load_coco(cfg.data.val, image_root=cfg.data.val_images) if cfg.data.val else None
+def load_run_data(cfg: Config, sources: DataSources | None = None) -> RunData:
+    """Load (and validate) the training and validation sets; their class lists must agree.
+
+    ``sources`` gives the local files of ``dataset:`` references (see :func:`resolve_data_sources`).
+    """
+    sources = sources or DataSources(cfg.data.train, cfg.data.val)
+    train = load_coco(sources.train, image_root=cfg.data.train_images)
+    val = load_coco(sources.val, image_root=cfg.data.val_images) if sources.val else None
     names = train.class_names
     if val is not None and val.class_names != names:
         raise DatasetError(
@@ -68,6 +78,49 @@ def load_run_data(cfg: Config) -> RunData:
         )
     keypoints = next((c.keypoints for c in train.categories if c.keypoints), [])
     return RunData(train, val, names, list(keypoints))
+
+
+@dataclass
+class DataSources:
+    """Local COCO files of ``data.train``/``data.val`` and, for tracking, their exact dataset versions."""
+
+    train: str
+    val: str | None
+    refs: dict[str, str] = field(default_factory=dict)  # role -> dataset:NAME:vN
+
+
+def resolve_data_sources(cfg: Config, *, log_plain_files: bool = False) -> DataSources:
+    """Materialise ``dataset:`` references of ``data.train``/``data.val`` and name their exact versions.
+
+    With ``log_plain_files`` (tracking on, ``tracking.log_datasets``), plain COCO files are logged as dataset
+    versions by reference (named after the file), so every tracked run points at the exact data it saw.
+    """
+    roles = {"train": cfg.data.train, "val": cfg.data.val}
+    if not (log_plain_files or any(is_dataset_ref(v) for v in roles.values())):
+        return DataSources(cfg.data.train, cfg.data.val)
+    from detforge.tracking.datasets import get_dataset_version, log_dataset, resolve_dataset
+
+    paths: dict[str, str | None] = {}
+    refs: dict[str, str] = {}
+    for role, value in roles.items():
+        if value is None:
+            paths[role] = None
+        elif is_dataset_ref(value):
+            refs[role] = get_dataset_version(value).ref
+            paths[role] = str(resolve_dataset(refs[role]))
+        else:
+            paths[role] = value
+            if log_plain_files:
+                image_root = cfg.data.train_images if role == "train" else cfg.data.val_images
+                source = load_coco(value, image_root=image_root) if image_root else value
+                refs[role] = log_dataset(_dataset_name(value), source, reference=True).ref
+    assert paths["train"] is not None
+    return DataSources(paths["train"], paths["val"], refs)
+
+
+def _dataset_name(path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(path).stem).strip("-.") or "dataset"
+    return stem if stem[0].isalnum() else f"d{stem}"
 
 
 def _task_needs(cfg: Config, data: RunData) -> tuple[bool, bool, tuple[str, ...]]:
@@ -89,9 +142,16 @@ def _task_needs(cfg: Config, data: RunData) -> tuple[bool, bool, tuple[str, ...]
 
 
 def build_run_model(cfg: Config, data: RunData, device: torch.device) -> nn.Module:
-    """The configured model for this data, with its weights loaded, on ``device``."""
+    """The configured model for this data, with its weights loaded, on ``device``.
+
+    ``model:`` references are fetched from ``tracking.uri``'s registry (the default store when unset).
+    """
+    model_cfg = cfg.model
+    if _registry.is_model_ref(model_cfg.weights):
+        local = _registry.resolve_model(str(model_cfg.weights), store=open_store(cfg.tracking.uri))
+        model_cfg = model_cfg.model_copy(update={"weights": str(local)})
     model = build_model(
-        cfg.model,
+        model_cfg,
         num_classes=len(data.class_names),
         min_size=cfg.data.min_size,
         max_size=cfg.data.max_size,
@@ -116,7 +176,9 @@ def train(
     device = resolve_device(cfg.train.device, dist_info)
     out_dir = Path(cfg.output.dir)
     _set_determinism(cfg)
-    data = load_run_data(cfg)
+    log_files = cfg.tracking.backend == "mlflow" and cfg.tracking.log_datasets and dist_info.is_main
+    sources = resolve_data_sources(cfg, log_plain_files=log_files)
+    data = load_run_data(cfg, sources)
     with_masks, with_keypoints, iou_types = _task_needs(cfg, data)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_run_model(cfg, data, device)
@@ -130,6 +192,16 @@ def train(
     built_in = _callbacks(
         cfg, data, schedule.eval_period, schedule.checkpoint_period, iou_types, device, dist_info, with_masks
     )
+    context = RunContext(
+        cfg,
+        out_dir,
+        val=data.val,
+        class_names=data.class_names,
+        datasets=sources.refs,
+        parent_model=_parent_model(cfg),
+        metadata=_checkpoint_metadata(cfg, data),
+    )
+    built_in.append(build_tracker(context, is_main=dist_info.is_main))
     trainer = Trainer(
         _maybe_ddp(model, device, dist_info),
         optimizer,
@@ -191,15 +263,13 @@ def _callbacks(
         )
 
         def run_eval(model: nn.Module, iteration: int) -> EvalResult | None:
-            return evaluate_model(
-                model,
-                val,
-                loader,
-                iou_types=iou_types,
-                device=device,
-                dist_info=dist_info,
-                out_dir=out_dir / "eval" / f"iter_{iteration:07d}",
+            folder = out_dir / "eval" / f"iter_{iteration:07d}"
+            result = evaluate_model(
+                model, val, loader, iou_types=iou_types, device=device, dist_info=dist_info, out_dir=folder
             )
+            if result is not None:
+                _report(cfg, val, result, folder, title=f"Evaluation at iteration {iteration}")
+            return result
 
         callbacks.append(EvalCallback(run_eval, period=eval_period, dist_info=dist_info))
     callbacks.append(
@@ -209,12 +279,7 @@ def _callbacks(
             keep_last=cfg.train.keep_last,
             best_metric=cfg.eval.best_metric if data.val is not None else None,
             best_mode=cfg.eval.best_mode,
-            metadata={
-                "config": cfg.model_dump(mode="json"),
-                "class_names": data.class_names,
-                "keypoint_names": data.keypoint_names,
-                "arch": cfg.model.arch,
-            },
+            metadata=_checkpoint_metadata(cfg, data),
         )
     )
     if cfg.eval.patience and data.val is not None:
@@ -224,6 +289,34 @@ def _callbacks(
         ProgressBar(period=cfg.train.log_period),
     ]
     return callbacks
+
+
+def _checkpoint_metadata(cfg: Config, data: RunData) -> dict[str, Any]:
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "class_names": data.class_names,
+        "keypoint_names": data.keypoint_names,
+        "arch": cfg.model.arch,
+    }
+
+
+def _parent_model(cfg: Config) -> str | None:
+    """The exact ``model:NAME:vN`` that ``model.weights`` names, when it is a registry reference."""
+    if not _registry.is_model_ref(cfg.model.weights):
+        return None
+    return _registry.get_model_version(str(cfg.model.weights), store=open_store(cfg.tracking.uri)).ref
+
+
+def _report(cfg: Config, gt: Dataset, result: EvalResult, folder: Path, *, title: str, **context: str) -> None:
+    write_report(
+        gt,
+        result,
+        folder,
+        title=title,
+        num_images=cfg.tracking.report_images,
+        score_threshold=cfg.tracking.score_threshold,
+        context={"model": cfg.model.weights or cfg.model.arch, "data": str(cfg.data.val), **context},
+    )
 
 
 def _resume(trainer: Trainer, out_dir: Path, max_iter: int) -> None:
@@ -283,12 +376,28 @@ def evaluate(config: ConfigLike, overrides: list[str] | None = None) -> EvalResu
     if not cfg.data.val:
         raise ConfigError("evaluate needs data.val (the COCO json to evaluate on).")
     device = resolve_device(cfg.train.device)
-    data = load_run_data(cfg)
+    tracking_on = cfg.tracking.backend == "mlflow"
+    sources = resolve_data_sources(cfg, log_plain_files=tracking_on and cfg.tracking.log_datasets)
+    data = load_run_data(cfg, sources)
+    assert data.val is not None
     with_masks, _, iou_types = _task_needs(cfg, data)
     model = build_run_model(cfg, data, device)
     loader = build_eval_loader(data.val, cfg.data, batch_size=cfg.eval.batch_size)
-    result = evaluate_model(
-        model, data.val, loader, iou_types=iou_types, device=device, out_dir=Path(cfg.output.dir) / "eval"
-    )
+    folder = Path(cfg.output.dir) / "eval"
+    result = evaluate_model(model, data.val, loader, iou_types=iou_types, device=device, out_dir=folder)
     assert result is not None  # a single process is always the main one
+    model_ref = _parent_model(cfg) or str(cfg.model.weights)
+    _report(cfg, data.val, result, folder, title=f"Evaluation of {model_ref}", dataset=sources.refs.get("val", ""))
+    if tracking_on:
+        from detforge.tracking.evaluations import record_evaluation
+
+        run_id = record_evaluation(
+            result,
+            folder,
+            model=model_ref,
+            dataset=sources.refs.get("val"),
+            config=cfg,
+            store=open_store(cfg.tracking.uri),
+        )
+        console.print(f"evaluation recorded: MLflow run {run_id} (experiment detforge-evaluations)", highlight=False)
     return result

@@ -31,6 +31,7 @@ def _config(tiny_dataset: Path, out: Path, *, max_iter: int) -> Path:
         "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn"},
         "train": {"max_iter": max_iter, "batch_size": 1, "warmup_iters": 1, "checkpoint_period": 2},
         "eval": {"period": 0},
+        "tracking": {"backend": "none"},
         "output": {"dir": str(out)},
     }
     path = out.with_suffix(".yaml")

@@ -37,6 +37,7 @@ def write_config(tiny_dataset: Path, out: Path, *, max_iter: int = 12) -> Path:
             "seed": 7,
             "log_period": 1,
         },
+        "tracking": {"backend": "none"},
         "output": {"dir": str(out)},
     }
     path = out.with_suffix(".yaml")

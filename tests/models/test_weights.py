@@ -126,8 +126,8 @@ def test_local_paths(tmp_path: Path) -> None:
 
 
 def test_registry_references_need_a_resolver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(CheckpointError, match=r"'model:' references are not supported"):
-        resolve_weights("model:detector@production")
+    with pytest.raises(CheckpointError, match=r"'s3:' references are not supported"):
+        resolve_weights("s3://bucket/detector.pt")
     target = tmp_path / "w.pt"
     monkeypatch.setitem(weights_module.REFERENCE_RESOLVERS, "model", lambda ref: target)
     assert resolve_weights("model:detector@production") == target

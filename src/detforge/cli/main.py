@@ -23,7 +23,7 @@ def expand_greedy_options(args: Sequence[str]) -> list[str]:
     """Turn ``--opt a b c`` into ``--opt a --opt b --opt c`` for the options in GREEDY_OPTIONS.
 
     A value list ends at the next token starting with ``-`` (unless it is a negative number) or at a
-    ``.json`` path, so ``filter --categories a b in.json`` still finds its input.
+    ``.json`` path or a ``dataset:``/``model:`` reference, so ``filter --categories a b in.json`` still finds its input.
     """
     out: list[str] = []
     greedy: str | None = None
@@ -42,7 +42,7 @@ def expand_greedy_options(args: Sequence[str]) -> list[str]:
 
 
 def _ends_values(token: str) -> bool:
-    if token.endswith(".json"):
+    if token.endswith(".json") or token.startswith(("dataset:", "model:")):
         return True
     if token.startswith("-"):
         try:
@@ -79,11 +79,16 @@ app = typer.Typer(
 
 def _register() -> None:
     from detforge.cli.data import data_app
+    from detforge.cli.tracking import lineage_cmd, models_app, sync_cmd, ui_cmd
     from detforge.cli.train import eval_cmd, train_cmd
 
     app.add_typer(data_app, name="data")
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
+    app.add_typer(models_app, name="models")
+    app.command("lineage")(lineage_cmd)
+    app.command("ui")(ui_cmd)
+    app.command("sync")(sync_cmd)
 
 
 @app.command("config-reference")

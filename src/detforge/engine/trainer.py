@@ -64,6 +64,8 @@ class Trainer:
         self.ema, self.callbacks, self.is_main = ema, list(callbacks), is_main
         self.iteration = 0
         self.stop_reason: str | None = None
+        self.failure: BaseException | None = None  # what ended fit() early, for on_fit_end
+        self.last_evaluation: Any = None  # the latest EvalResult, set by the evaluation callback
         self._batches: Iterator[Batch] | None = None
         self._rng_per_rank: list[dict[str, Any]] | None = None
 
@@ -82,6 +84,9 @@ class Trainer:
                 out = self.run_step()
                 self.iteration += 1
                 self.dispatch("on_step_end", out)
+        except BaseException as exc:
+            self.failure = exc
+            raise
         finally:
             self.dispatch("on_fit_end")
 

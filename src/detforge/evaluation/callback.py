@@ -83,5 +83,5 @@ class EvalCallback(Callback):
         model = trainer.ema.module if trainer.ema is not None else trainer.unwrapped_model
         result = self.run_eval(model, out.iteration)
         metrics = broadcast_object(result.metrics if result is not None else None, self.dist_info)
-        self.last = result
+        self.last = trainer.last_evaluation = result
         trainer.dispatch("on_eval_end", metrics)

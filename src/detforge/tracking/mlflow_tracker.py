@@ -1,0 +1,360 @@
+"""The MLflow tracker: one MLflow run per training run, fed through a local spool.
+
+Everything the tracker records is an operation appended to ``<output.dir>/tracking/spool.jsonl`` and sent by a
+background thread (see :mod:`detforge.tracking.spool`), so a slow or vanished server never blocks a training
+step, and nothing is lost: what could not be sent when the run ends is sent by ``detforge sync OUTPUT_DIR`` or by
+the next ``--resume``. The run id lives in ``<output.dir>/tracking/run.json``; a resumed run continues the same
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from detforge.config import config_to_yaml
+from detforge.engine.callbacks import StepOutput
+from detforge.engine.checkpoint import save_checkpoint
+from detforge.files import atomic_write_bytes, atomic_write_text
+from detforge.tracking import registry
+from detforge.tracking.spool import Op, Spool
+from detforge.tracking.store import Store, TrackingError, open_store
+from detforge.tracking.tracker import (
+    BestAliases,
+    RunContext,
+    Tracker,
+    alias_for_metric,
+    flatten_config,
+    run_environment,
+)
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from detforge.engine.trainer import Trainer
+    from detforge.evaluation.coco import EvalResult
+
+__all__ = ["MlflowSender", "MlflowTracker", "sync_run"]
+
+console = Console(stderr=True)
+RUN_FILE = "run.json"
+KIND_TRAINING = "training"
+_METRIC_KEY = re.compile(r"[^\w\-. /]")
+_BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
+
+
+class MlflowTracker(Tracker):
+    """Records the run in MLflow: params, tags, metrics, prediction images, evaluation reports, model versions."""
+
+    backend = "mlflow"
+
+    def __init__(self, ctx: RunContext, *, store: Store | None = None) -> None:
+        self.ctx, self.cfg = ctx, ctx.config.tracking
+        self.store = store or open_store(self.cfg.uri)
+        self.folder = ctx.out_dir / "tracking"
+        self.model_name = self.cfg.model_name or ctx.config.tracking.experiment
+        self.best = BestAliases(ctx.config)
+        self.run_id: str | None = None
+        self.spool: Spool | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.last_eval_artifact: str | None = None
+        self.registered: set[int] = set()  # iterations with a model version (the final one may be the best)
+
+    def describe(self) -> str:
+        return f"MLflow run {self.run_id} in {self.store.describe()}"
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.run_id = self._open_run(resuming=trainer.iteration > 0)
+        self.spool = Spool(
+            self.folder, MlflowSender(self.store.client(), self.run_id).send, flush_seconds=self.cfg.flush_seconds
+        )
+        self.spool.start()
+        if trainer.iteration == 0:
+            self._record_setup()
+        console.print(f"tracking: {self.describe()}", highlight=False)
+
+    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+        period = self.ctx.config.train.log_period
+        if out.iteration % period and out.iteration != trainer.max_iter:
+            return
+        values = {f"train/{k}": v for k, v in out.losses.items()}
+        values.update(
+            {"train/loss": out.total_loss, "train/lr": out.lr, "time/data": out.data_time, "time/step": out.step_time}
+        )
+        self._append({"op": "metrics", "step": out.iteration, "ts": _now_ms(), "values": values})
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step = trainer.iteration
+        self.last_metrics = dict(metrics)
+        values = {f"eval/{k}": v for k, v in metrics.items() if math.isfinite(v)}
+        result: EvalResult | None = trainer.last_evaluation
+        if result is not None:
+            for iou_type, per_class in result.per_class.items():
+                values.update({f"per_class/{iou_type}/{name}": ap for name, ap in per_class.items() if ap >= 0})
+        self._append({"op": "metrics", "step": step, "ts": _now_ms(), "values": values})
+        eval_dir = self.ctx.out_dir / "eval" / f"iter_{step:07d}"
+        if eval_dir.is_dir():
+            self.last_eval_artifact = f"evaluations/iter_{step:07d}"
+            self._append({"op": "artifact", "path": str(eval_dir), "artifact_path": self.last_eval_artifact})
+        if result is not None and self.ctx.val is not None and self.cfg.num_eval_images:
+            self._log_prediction_images(result, step)
+        improved = self.best.improved(metrics)
+        if improved and self.cfg.register_models:
+            path = self._save_weights(trainer)
+            aliases = [
+                {"alias": alias_for_metric(m), "metric": m, "mode": self.best.modes[m], "value": metrics[m]}
+                for m in improved
+            ]
+            self._register(path, step, aliases=aliases, delete_after=True)
+
+    def on_checkpoint(self, trainer: Trainer, path: Path, kind: str) -> None:
+        if kind == "final" and self.cfg.register_models and trainer.iteration not in self.registered:
+            self._register(path, trainer.iteration, aliases=[], delete_after=False)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.spool is None:
+            return
+        failure = trainer.failure
+        status = "FINISHED" if failure is None else ("KILLED" if isinstance(failure, KeyboardInterrupt) else "FAILED")
+        if trainer.stop_reason:
+            self._append({"op": "tags", "values": {"detforge.stop_reason": trainer.stop_reason}})
+        self._append({"op": "end", "status": status})
+        if not self.spool.close(timeout=30.0):
+            console.print(
+                f"[yellow]tracking: {self.spool.pending} operations could not be sent ({self.spool.last_error}); "
+                f"they are kept in {self.spool.path}. Send them later with `detforge sync {self.ctx.out_dir}`.",
+                highlight=False,
+            )
+        self.spool = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best.state_dict(), "run_id": self.run_id, "registered": sorted(self.registered)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best.load_state_dict(state.get("best", {}))
+        self.registered = set(state.get("registered", []))
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _append(self, op: Op) -> None:
+        assert self.spool is not None, "the tracker records only between on_fit_start and on_fit_end"
+        self.spool.append(op)
+
+    def _open_run(self, *, resuming: bool) -> str:
+        """The run id: the one in ``run.json`` when resuming, else a new run."""
+        saved = _read_json(self.folder / RUN_FILE)
+        client = self.store.client()
+        try:
+            if resuming and saved.get("run_id") and saved.get("uri") == self.store.uri:
+                client.update_run(saved["run_id"], status="RUNNING")
+                return str(saved["run_id"])
+            experiment = self.store.experiment_id(self.ctx.config.tracking.experiment)
+            tags = {
+                **run_environment(),
+                "detforge.kind": KIND_TRAINING,
+                "detforge.output_dir": str(self.ctx.out_dir.resolve()),
+                "detforge.arch": self.ctx.config.model.arch,
+                "detforge.model_name": self.model_name,
+                **{f"detforge.dataset.{role}": ref for role, ref in self.ctx.datasets.items()},
+                **({registry.TAG_PARENT: self.ctx.parent_model} if self.ctx.parent_model else {}),
+                **self.cfg.tags,
+            }
+            run = client.create_run(experiment, run_name=self.cfg.run_name, tags=tags)
+        except TrackingError:
+            raise
+        except Exception as exc:
+            raise TrackingError(
+                f"tracking: cannot start a run in {self.store.describe()}: {exc}. Check tracking.uri / "
+                "MLFLOW_TRACKING_URI, or train without tracking with tracking.backend=none."
+            ) from None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in (self.folder / "spool.jsonl", self.folder / "spool.done"):
+            stale.unlink(missing_ok=True)  # a new run: a previous run's spool (already sent or not) is not ours
+        atomic_write_text(self.folder / RUN_FILE, json.dumps({"run_id": run.info.run_id, "uri": self.store.uri}))
+        return str(run.info.run_id)
+
+    def _record_setup(self) -> None:
+        self._append({"op": "params", "values": flatten_config(self.ctx.config)})
+        config_file = self.folder / "config.yaml"
+        atomic_write_text(config_file, config_to_yaml(self.ctx.config))
+        self._append({"op": "artifact", "path": str(config_file), "artifact_path": ""})
+
+    def _log_prediction_images(self, result: EvalResult, step: int) -> None:
+        from detforge.evaluation.report import draw_gallery
+
+        assert self.ctx.val is not None
+        gallery = draw_gallery(
+            self.ctx.val, result.results, num_images=self.cfg.num_eval_images, score_threshold=self.cfg.score_threshold
+        )
+        folder = self.folder / "images"
+        for index, (file_name, jpeg) in enumerate(gallery.pictures):
+            key = f"val-{index:02d}-{_safe_key(Path(file_name).stem)}"
+            path = atomic_write_bytes(folder / f"{key}-{step:07d}.jpg", jpeg)
+            self._append({"op": "image", "path": str(path), "key": key, "step": step, "delete_after": True})
+        for skipped in gallery.skipped:
+            console.print(f"[yellow]tracking: prediction image skipped: {skipped}", highlight=False)
+
+    def _save_weights(self, trainer: Trainer) -> Path:
+        """The evaluated weights (the EMA when there is one) as a weights-only checkpoint, for the registry."""
+        model = trainer.ema.module if trainer.ema is not None else trainer.unwrapped_model
+        state = {
+            "model": model.state_dict(),
+            "iteration": trainer.iteration,
+            "metadata": {**self.ctx.metadata, "metrics": self.last_metrics},
+        }
+        return save_checkpoint(state, self.folder / "models" / f"model_{trainer.iteration:07d}.pt")
+
+    def _register(self, path: Path, iteration: int, *, aliases: list[dict[str, Any]], delete_after: bool) -> None:
+        self.registered.add(iteration)
+        tags = {
+            registry.TAG_ITERATION: str(iteration),
+            registry.TAG_METRICS: json.dumps(self.last_metrics, sort_keys=True),
+            registry.TAG_DATASETS: json.dumps(self.ctx.datasets, sort_keys=True),
+            registry.TAG_SHA256: registry._sha256(path),
+            "detforge.arch": self.ctx.config.model.arch,
+            "detforge.classes": json.dumps(self.ctx.class_names),
+        }
+        if self.ctx.parent_model:
+            tags[registry.TAG_PARENT] = self.ctx.parent_model
+        if self.last_eval_artifact:
+            tags[registry.TAG_EVALUATION] = self.last_eval_artifact
+        self._append(
+            {
+                "op": "register",
+                "name": self.model_name,
+                "path": str(path),
+                "artifact_path": f"checkpoints/iter_{iteration:07d}",
+                "key": f"{self.run_id}:{iteration}",
+                "tags": tags,
+                "aliases": aliases,
+                "delete_after": delete_after,
+            }
+        )
+
+
+class MlflowSender:
+    """Sends spooled operations to one MLflow run (metrics, params and tags in batches)."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def send(self, ops: list[Op]) -> None:
+        for kind, group in _groups(ops):
+            if kind in _BATCH_LIMITS:
+                self._send_batch(kind, group)
+            else:
+                for op in group:
+                    getattr(self, f"_send_{kind}")(op)
+
+    def _send_batch(self, kind: str, ops: list[Op]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        items: list[Any] = []
+        for op in ops:
+            if kind == "metrics":
+                items += [
+                    Metric(_metric_key(k), float(v), int(op["ts"]), int(op["step"]))
+                    for k, v in op["values"].items()
+                    if v is not None and math.isfinite(float(v))
+                ]
+            elif kind == "params":
+                items += [Param(k, v[:6000]) for k, v in op["values"].items()]
+            else:
+                items += [RunTag(k, str(v)) for k, v in op["values"].items()]
+        limit = _BATCH_LIMITS[kind]
+        for start in range(0, len(items), limit):
+            chunk = items[start : start + limit]
+            self.client.log_batch(self.run_id, **{kind: chunk}, synchronous=True)
+
+    def _send_artifact(self, op: Op) -> None:
+        path = Path(op["path"])
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), op["artifact_path"] or None)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), op["artifact_path"] or None)
+        else:
+            console.print(f"[yellow]tracking: {path} is gone; not logged as an artifact.", highlight=False)
+
+    def _send_image(self, op: Op) -> None:
+        path = Path(op["path"])
+        if not path.is_file():
+            return  # sent before and deleted (at-least-once replay)
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self.run_id, image.convert("RGB"), key=op["key"], step=int(op["step"]))
+        if op.get("delete_after"):
+            path.unlink(missing_ok=True)
+
+    def _send_register(self, op: Op) -> None:
+        path = Path(op["path"])
+        artifact_file = f"{op['artifact_path']}/{path.name}"
+        if path.is_file():
+            self.client.log_artifact(self.run_id, str(path), op["artifact_path"])
+        registry.register_model_version(
+            self.client,
+            name=op["name"],
+            run_id=self.run_id,
+            artifact_path=artifact_file,
+            key=op["key"],
+            tags=op["tags"],
+            aliases=op["aliases"],
+        )
+        if op.get("delete_after"):
+            path.unlink(missing_ok=True)
+
+    def _send_end(self, op: Op) -> None:
+        self.client.set_terminated(self.run_id, status=op["status"])
+
+
+def sync_run(out_dir: str | Path) -> tuple[int, int]:
+    """Send what a run's spool still holds (``detforge sync``); return (sent, still pending)."""
+    folder = Path(out_dir) / "tracking"
+    saved = _read_json(folder / RUN_FILE)
+    if not saved.get("run_id"):
+        raise TrackingError(f"{folder / RUN_FILE}: no tracked run here. Give the output.dir of an MLflow-tracked run.")
+    store = open_store(saved.get("uri"))
+    spool = Spool(folder, MlflowSender(store.client(), saved["run_id"]).send)
+    before = spool.pending
+    spool.close(timeout=0)
+    return before - spool.pending, spool.pending
+
+
+def _groups(ops: list[Op]) -> Iterator[tuple[str, list[Op]]]:
+    """Consecutive operations of the same kind, in order."""
+    group: list[Op] = []
+    for op in ops:
+        if group and op["op"] != group[0]["op"]:
+            yield group[0]["op"], group
+            group = []
+        group.append(op)
+    if group:
+        yield group[0]["op"], group
+
+
+def _metric_key(key: str) -> str:
+    return _METRIC_KEY.sub("_", key)
+
+
+def _safe_key(text: str) -> str:
+    return re.sub(r"[^\w\-]", "_", text)[:60]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
