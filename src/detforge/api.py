@@ -100,20 +100,21 @@ def resolve_data_sources(cfg: Config, *, log_plain_files: bool = False) -> DataS
         return DataSources(cfg.data.train, cfg.data.val)
     from detforge.tracking.datasets import get_dataset_version, log_dataset, resolve_dataset
 
+    store = open_store(cfg.tracking.uri)
     paths: dict[str, str | None] = {}
     refs: dict[str, str] = {}
     for role, value in roles.items():
         if value is None:
             paths[role] = None
         elif is_dataset_ref(value):
-            refs[role] = get_dataset_version(value).ref
-            paths[role] = str(resolve_dataset(refs[role]))
+            refs[role] = get_dataset_version(value, store=store).ref
+            paths[role] = str(resolve_dataset(refs[role], store=store))
         else:
             paths[role] = value
             if log_plain_files:
                 image_root = cfg.data.train_images if role == "train" else cfg.data.val_images
                 source = load_coco(value, image_root=image_root) if image_root else value
-                refs[role] = log_dataset(_dataset_name(value), source, reference=True).ref
+                refs[role] = log_dataset(_dataset_name(value), source, reference=True, store=store).ref
     assert paths["train"] is not None
     return DataSources(paths["train"], paths["val"], refs)
 

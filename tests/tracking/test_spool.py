@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from detforge.tracking.spool import Op, Spool
+from detforge.tracking.spool import Op, Spool, pending_count
 
 
 class FlakyStore:
@@ -69,3 +70,36 @@ def test_a_damaged_counter_never_loses_operations(tmp_path: Path, done: str) -> 
     (tmp_path / "spool.done").write_text(done)
     spool = Spool(tmp_path, store.send)
     assert spool.pending == (0 if done == "999" else 1)  # the counter never exceeds what the log holds
+
+
+def test_close_gives_up_on_a_stuck_sender_without_losing_anything(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def stuck(ops: list[Op]) -> None:
+        release.wait(10)  # a request to a dead server that takes its time
+        raise ConnectionError("timed out")
+
+    spool = Spool(tmp_path, stuck, flush_seconds=0.01)
+    spool.start()
+    spool.append({"op": "metrics", "step": 1})
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert not spool.close(timeout=0.5)
+    assert time.monotonic() - started < 2
+    release.set()
+    assert pending_count(tmp_path) == 1
+
+
+def test_a_resumed_run_drops_unsent_points_from_after_its_checkpoint(tmp_path: Path) -> None:
+    store = FlakyStore()
+    store.down = True
+    spool = Spool(tmp_path, store.send)
+    for step in range(1, 7):
+        spool.append({"op": "metrics", "step": step})
+    spool.append({"op": "tags", "values": {"a": "b"}})
+    assert not spool.close(timeout=0)
+    store.down = False
+    resumed = Spool(tmp_path, store.send)
+    assert resumed.drop_pending(lambda op: int(op.get("step", 0)) > 4) == 2
+    assert resumed.close(timeout=1)
+    assert [op.get("step") for op in store.received] == [1, 2, 3, 4, None]

@@ -21,10 +21,9 @@ from rich.console import Console
 
 from detforge.config import config_to_yaml
 from detforge.engine.callbacks import StepOutput
-from detforge.engine.checkpoint import save_checkpoint
 from detforge.files import atomic_write_bytes, atomic_write_text
 from detforge.tracking import registry
-from detforge.tracking.spool import Op, Spool
+from detforge.tracking.spool import Op, Spool, pending_count
 from detforge.tracking.store import Store, TrackingError, open_store
 from detforge.tracking.tracker import (
     BestAliases,
@@ -33,6 +32,8 @@ from detforge.tracking.tracker import (
     alias_for_metric,
     flatten_config,
     run_environment,
+    save_evaluated_weights,
+    step_values,
 )
 
 if TYPE_CHECKING:
@@ -74,9 +75,11 @@ class MlflowTracker(Tracker):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.run_id = self._open_run(resuming=trainer.iteration > 0)
-        self.spool = Spool(
-            self.folder, MlflowSender(self.store.client(), self.run_id).send, flush_seconds=self.cfg.flush_seconds
-        )
+        sender = MlflowSender(self.store.client(), self.run_id)
+        self.spool = Spool(self.folder, sender.send, flush_seconds=self.cfg.flush_seconds)
+        if trainer.iteration > 0:  # points the interrupted run spooled after this checkpoint are made again
+            resumed_at = trainer.iteration
+            self.spool.drop_pending(lambda op: int(op.get("step", 0)) > resumed_at)
         self.spool.start()
         if trainer.iteration == 0:
             self._record_setup()
@@ -86,11 +89,7 @@ class MlflowTracker(Tracker):
         period = self.ctx.config.train.log_period
         if out.iteration % period and out.iteration != trainer.max_iter:
             return
-        values = {f"train/{k}": v for k, v in out.losses.items()}
-        values.update(
-            {"train/loss": out.total_loss, "train/lr": out.lr, "time/data": out.data_time, "time/step": out.step_time}
-        )
-        self._append({"op": "metrics", "step": out.iteration, "ts": _now_ms(), "values": values})
+        self._append({"op": "metrics", "step": out.iteration, "ts": _now_ms(), "values": step_values(out)})
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         step = trainer.iteration
@@ -177,10 +176,21 @@ class MlflowTracker(Tracker):
                 "MLFLOW_TRACKING_URI, or train without tracking with tracking.backend=none."
             ) from None
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in (self.folder / "spool.jsonl", self.folder / "spool.done"):
-            stale.unlink(missing_ok=True)  # a new run: a previous run's spool (already sent or not) is not ours
+        self._retire_old_spool(saved)
         atomic_write_text(self.folder / RUN_FILE, json.dumps({"run_id": run.info.run_id, "uri": self.store.uri}))
         return str(run.info.run_id)
+
+    def _retire_old_spool(self, saved: dict[str, Any]) -> None:
+        """A new run in this folder starts a new spool; refuse when the old one still holds unsent records."""
+        pending = pending_count(self.folder)
+        if pending:
+            raise TrackingError(
+                f"{self.folder}: the previous run ({saved.get('run_id')}) still has {pending} records that never "
+                f"reached {saved.get('uri')}. Send them first with `detforge sync {self.ctx.out_dir}`, or delete "
+                f"{self.folder / 'spool.jsonl'} to discard them."
+            )
+        for stale in (self.folder / "spool.jsonl", self.folder / "spool.done"):
+            stale.unlink(missing_ok=True)
 
     def _record_setup(self) -> None:
         self._append({"op": "params", "values": flatten_config(self.ctx.config)})
@@ -204,14 +214,8 @@ class MlflowTracker(Tracker):
             console.print(f"[yellow]tracking: prediction image skipped: {skipped}", highlight=False)
 
     def _save_weights(self, trainer: Trainer) -> Path:
-        """The evaluated weights (the EMA when there is one) as a weights-only checkpoint, for the registry."""
-        model = trainer.ema.module if trainer.ema is not None else trainer.unwrapped_model
-        state = {
-            "model": model.state_dict(),
-            "iteration": trainer.iteration,
-            "metadata": {**self.ctx.metadata, "metrics": self.last_metrics},
-        }
-        return save_checkpoint(state, self.folder / "models" / f"model_{trainer.iteration:07d}.pt")
+        path = self.folder / "models" / f"model_{trainer.iteration:07d}.pt"
+        return save_evaluated_weights(trainer, self.ctx, self.last_metrics, path)
 
     def _register(self, path: Path, iteration: int, *, aliases: list[dict[str, Any]], delete_after: bool) -> None:
         self.registered.add(iteration)

@@ -88,16 +88,41 @@ class Spool:
             time.sleep(min(1.0, self.flush_seconds))
 
     def close(self, *, timeout: float = 30.0) -> bool:
-        """Stop the sender, try to send the rest for ``timeout`` seconds; True when nothing is left."""
+        """Stop the sender, try to send the rest for ``timeout`` seconds; True when nothing is left.
+
+        Never waits much longer than ``timeout``: when the sender thread is stuck in a slow request, the spool is
+        closed without sending (the thread may still finish its batch; what it does not send stays on disk).
+        """
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # a second sender would race the first over ``_done``
+                with self._lock:
+                    self._file.flush()
+                return False
             self._thread = None
-        ok = self.flush(timeout=timeout)
+        ok = self.flush(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._file.close()
         return ok
+
+    def drop_pending(self, unwanted: Callable[[Op], bool]) -> int:
+        """Remove pending (unsent) operations for which ``unwanted`` is true; return how many. Only before
+        :meth:`start`: used when a run resumes from an earlier checkpoint than its last spooled step."""
+        assert self._thread is None, "drop_pending() only before start()"
+        with self._lock:
+            kept = self._ops[self._done :]
+            kept = [op for op in kept if not unwanted(op)]
+            dropped = len(self._ops) - self._done - len(kept)
+            if dropped:
+                self._ops = self._ops[: self._done] + kept
+                self._file.close()
+                text = "".join(json.dumps(op, separators=(",", ":"), allow_nan=True) + "\n" for op in self._ops)
+                atomic_write_text(self.path, text)
+                self._file = self.path.open("a", encoding="utf-8")
+        return dropped
 
     def _run(self) -> None:
         delay = self.flush_seconds
@@ -124,6 +149,13 @@ class Spool:
                 atomic_write_text(self.done_path, str(self._done))
                 batch = self._ops[self._done : self._done + self.max_batch]
         return True
+
+
+def pending_count(folder: str | os.PathLike[str]) -> int:
+    """Operations in ``folder``'s spool not yet known to be in the store (0 when there is no spool)."""
+    folder = Path(folder)
+    total = len(_read_ops(folder / SPOOL_NAME))
+    return total - _read_done(folder / DONE_NAME, total)
 
 
 def _read_ops(path: Path) -> list[Op]:

@@ -17,12 +17,15 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from detforge.config import Config
 from detforge.data.records import Dataset
-from detforge.engine.callbacks import Callback, better
+from detforge.engine.callbacks import Callback, StepOutput, better
 from detforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from detforge.engine.trainer import Trainer
 
 __all__ = [
     "BestAliases",
@@ -33,6 +36,8 @@ __all__ = [
     "build_tracker",
     "flatten_config",
     "run_environment",
+    "save_evaluated_weights",
+    "step_values",
 ]
 
 PACKAGES = ("detforge", "torch", "torchvision", "mlflow", "faster-coco-eval", "pycocotools", "numpy", "wandb")
@@ -148,6 +153,24 @@ class BestAliases:
 
 # ---------------------------------------------------------------------------------------------------------
 # what every run records
+
+
+def step_values(out: StepOutput) -> dict[str, float]:
+    """The metric points of one logged training step: loss terms, total loss, lr, data and step time."""
+    values = {f"train/{k}": v for k, v in out.losses.items()}
+    values.update({"train/loss": out.total_loss, "train/lr": out.lr, "time/data": out.data_time,
+                   "time/step": out.step_time})  # fmt: skip
+    return values
+
+
+def save_evaluated_weights(trainer: Trainer, ctx: RunContext, metrics: dict[str, float], path: Path) -> Path:
+    """The weights just evaluated (the EMA when there is one) as a weights-only checkpoint with metadata."""
+    from detforge.engine.checkpoint import save_checkpoint
+
+    model = trainer.ema.module if trainer.ema is not None else trainer.unwrapped_model
+    state = {"model": model.state_dict(), "iteration": trainer.iteration, "metadata": {**ctx.metadata,
+             "metrics": dict(metrics)}}  # fmt: skip
+    return save_checkpoint(state, path)
 
 
 def flatten_config(config: Config) -> dict[str, str]:
