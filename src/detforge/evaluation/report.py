@@ -178,7 +178,7 @@ def draw_gallery(
     for image in track(images, "Drawing the report gallery"):
         gallery.tried += 1
         try:
-            picture = _draw_pair(gt, image, annotations.get(image.id, []), by_image[image.id])
+            picture = draw_pair(gt, image, annotations.get(image.id, []), by_image[image.id])
         except DatasetError as exc:
             gallery.skipped.append(f"{image.file_name}: {exc}")
             continue
@@ -186,11 +186,17 @@ def draw_gallery(
     return gallery
 
 
-def _draw_pair(
-    gt: Dataset, image: Image, annotations: Sequence[Annotation], results: Sequence[Mapping[str, Any]]
+def draw_pair(
+    gt: Dataset,
+    image: Image,
+    annotations: Sequence[Annotation],
+    results: Sequence[Mapping[str, Any]],
+    *,
+    with_truth: bool = True,
 ) -> PILImage.Image:
+    """``image`` with its ground truth (left) beside the COCO ``results`` (right); only the right with
+    ``with_truth=False``."""
     pixels = load_image_rgb(gt.image_path(image))
-    truth = draw_ground_truth(gt, image, pixels, annotations=annotations)
     index = {c.id: k for k, c in enumerate(gt.categories)}
     xywh = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(-1, 4)
     predicted = draw_instances(
@@ -198,13 +204,15 @@ def _draw_pair(
         boxes_xyxy=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
         labels=np.array([index[r["category_id"]] for r in results], dtype=np.int64),
         scores=np.array([r["score"] for r in results], dtype=np.float64),
-        masks=[_decode_rle(r.get("segmentation")) for r in results],
+        masks=[decode_rle(r.get("segmentation")) for r in results],
         class_names=gt.class_names,
     )
-    return side_by_side(truth, predicted)
+    if not with_truth:
+        return predicted
+    return side_by_side(draw_ground_truth(gt, image, pixels, annotations=annotations), predicted)
 
 
-def _decode_rle(rle: Any) -> np.ndarray | None:
+def decode_rle(rle: Any) -> np.ndarray | None:
     if not isinstance(rle, dict):
         return None
     with warnings.catch_warnings():
