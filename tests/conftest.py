@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on this 2-core machine: one torch thread each instead of two fighting over both.
+    torch.set_num_threads(1)
 
 
 def _write_tiny(root: Path) -> Path:

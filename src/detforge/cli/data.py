@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
+
+from detforge.cli.output import LazyConsole
 
 if TYPE_CHECKING:
     from detforge.data.curation import Operation
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from detforge.data.report import Report
     from detforge.tracking.datasets import DatasetVersion
 
-console = Console()
+console = LazyConsole()
 data_app = typer.Typer(help="Import, validate, curate, inspect and export datasets.", no_args_is_help=True)
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]

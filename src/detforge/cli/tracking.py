@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from detforge.cli.data import Uri
+from detforge.cli.output import LazyConsole
 
-console = Console()
+console = LazyConsole()
 MAIN_METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "keypoints/AP")
 models_app = typer.Typer(help="Registered model versions: list them, see their versions, move aliases.")
 

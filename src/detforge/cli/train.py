@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from detforge.cli.output import LazyConsole
+
+console = LazyConsole()
 
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="Dotted overrides such as train.lr=0.005 model.arch=maskrcnn_resnet50_fpn.")
