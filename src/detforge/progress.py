@@ -11,11 +11,14 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 T = TypeVar("T")
 
@@ -33,8 +36,20 @@ def progress_enabled() -> bool:
     return progress_mode() == "bar"
 
 
-def track(items: Iterable[T], description: str, *, total: int | None = None) -> Iterator[T]:
-    """Yield ``items`` while drawing a bar with count, rate and ETA."""
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``23.4 frames/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+def track(items: Iterable[T], description: str, *, total: int | None = None, unit: str | None = None) -> Iterator[T]:
+    """Yield ``items`` while drawing a bar with count, rate and ETA (and ``unit``/s when a unit is given)."""
     if not progress_enabled():
         yield from items
         return
@@ -47,6 +62,7 @@ def track(items: Iterable[T], description: str, *, total: int | None = None) -> 
         TaskProgressColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        *([RateColumn(unit)] if unit else []),
     )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total)

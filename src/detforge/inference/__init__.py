@@ -1,0 +1,1 @@
+"""Inference: predict on images, folders and videos; export; serve."""

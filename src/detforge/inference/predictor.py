@@ -1,0 +1,281 @@
+"""A trained model ready to predict: loaded from a checkpoint, a URL or a ``model:`` reference.
+
+detforge checkpoints carry their config, class names and architecture (``metadata``), so :meth:`Predictor.load`
+rebuilds the model without the training config. :meth:`Predictor.predict` takes RGB images (PIL, numpy HWC
+uint8 or CHW float tensors) and returns one :class:`Detections` per image, on the CPU, above the score threshold.
+
+Fast CPU paths: ``precision="bf16"`` runs under bfloat16 autocast (on CPUs with native bf16, about 2x faster at
+~1 % relative feature error) and ``channels_last`` memory format; ``precision="auto"`` picks bf16 where the CPU
+supports it natively (see :func:`cpu_supports_bf16`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from torch import nn
+
+from detforge.config import Config
+from detforge.errors import CheckpointError, ConfigError
+from detforge.models.build import build_model
+from detforge.models.weights import fit_state_dict, load_state_dict_file, resolve_weights
+
+__all__ = ["Detections", "Predictor", "cpu_supports_bf16", "load_checkpoint_metadata"]
+
+Precision = Literal["fp32", "bf16", "auto"]
+
+
+@dataclass
+class Detections:
+    """What the model found in one image (pixel coordinates of the original image).
+
+    Attributes:
+        boxes: ``(N, 4)`` float32 ``x1, y1, x2, y2``.
+        scores: ``(N,)`` float32.
+        labels: ``(N,)`` int64 indices into ``class_names`` (0-based, background excluded).
+        masks: ``(N, H, W)`` bool, or None for box-only models.
+        keypoints: ``(N, K, 3)`` float32 ``x, y, score``, or None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    class_names: list[str] = field(repr=False)
+    masks: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def select(self, keep: np.ndarray) -> Detections:
+        """The detections where ``keep`` (a bool mask or indices) holds."""
+        return Detections(
+            self.boxes[keep],
+            self.scores[keep],
+            self.labels[keep],
+            self.class_names,
+            None if self.masks is None else self.masks[keep],
+            None if self.keypoints is None else self.keypoints[keep],
+        )
+
+    def to_json(self, *, include_masks: bool = True) -> list[dict[str, Any]]:
+        """One dict per detection: ``label`` (class name), ``class_index``, ``score``, ``box`` (xyxy) and, when
+        present, ``mask`` (COCO RLE) and ``keypoints``."""
+        from detforge.inference.results import encode_mask
+
+        out = []
+        for k in range(len(self)):
+            item: dict[str, Any] = {
+                "label": self.class_names[int(self.labels[k])],
+                "class_index": int(self.labels[k]),
+                "score": round(float(self.scores[k]), 5),
+                "box": [round(float(v), 2) for v in self.boxes[k]],
+            }
+            if include_masks and self.masks is not None:
+                item["mask"] = encode_mask(self.masks[k])
+            if self.keypoints is not None:
+                item["keypoints"] = [round(float(v), 2) for v in self.keypoints[k].ravel()]
+            out.append(item)
+        return out
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def load_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``metadata`` dict of a detforge checkpoint (config, class names, arch); {} for a plain state dict."""
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # unreadable files get their error from load_state_dict_file
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}).") from None
+    return dict(obj.get("metadata") or {}) if isinstance(obj, dict) else {}
+
+
+class Predictor:
+    """A model in eval mode with its class names and inference settings.
+
+    Args:
+        model: a torchvision detection model.
+        class_names: names of labels 1..N.
+        score_threshold: detections scoring lower are dropped.
+        device: where the model runs.
+        precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CPUs with native bf16, else fp32).
+        channels_last: use the channels-last memory format (faster convolutions on CPU).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str],
+        *,
+        score_threshold: float = 0.5,
+        device: str | torch.device = "cpu",
+        precision: Precision = "fp32",
+        channels_last: bool | None = None,
+        source: str = "",
+    ) -> None:
+        self.device = torch.device(device)
+        self.precision = _resolve_precision(precision, self.device)
+        self.channels_last = self.precision == "bf16" if channels_last is None else channels_last
+        self.model = model.eval().to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.class_names = list(class_names)
+        self.score_threshold = score_threshold
+        self.source = source
+
+    @classmethod
+    def load(
+        cls,
+        ref: str | os.PathLike[str],
+        *,
+        score_threshold: float = 0.5,
+        device: str | torch.device = "cpu",
+        precision: Precision = "fp32",
+        channels_last: bool | None = None,
+        arch: str | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> Predictor:
+        """Load a detforge checkpoint from a path, an http(s) URL or a ``model:NAME[:vN|@alias]`` reference.
+
+        ``arch`` and ``class_names`` are needed only for plain state dicts without detforge metadata.
+
+        Raises:
+            CheckpointError: the file is unreadable or lacks what is needed to rebuild the model.
+            TrackingError: a ``model:`` reference that does not resolve.
+        """
+        text = os.fspath(ref)
+        if text.startswith("model:"):
+            from detforge.tracking.registry import resolve_model
+
+            path = resolve_model(text)
+        else:
+            path = resolve_weights(text)
+        metadata = load_checkpoint_metadata(path)
+        names = list(class_names or metadata.get("class_names") or [])
+        config = Config.model_validate(metadata["config"]) if metadata.get("config") else None
+        arch = arch or metadata.get("arch") or (config.model.arch if config else None)
+        if not arch or not names:
+            raise CheckpointError(
+                f"{text}: a plain state dict without detforge metadata; give the architecture and the class names "
+                "(Predictor.load(..., arch=..., class_names=[...]) or `--arch` / `--classes-file`)."
+            )
+        model_cfg = config.model if config is not None else None
+        model = _rebuild(path, arch, names, model_cfg, config, metadata)
+        return cls(
+            model,
+            names,
+            score_threshold=score_threshold,
+            device=device,
+            precision=precision,
+            channels_last=channels_last,
+            source=text,
+        )
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[Any]) -> list[Detections]:
+        """Detections for each image (RGB: PIL, uint8 HWC array or float CHW tensor in [0, 1])."""
+        if not images:
+            return []
+        # Channels-last weights make the convolutions run channels-last (the batched input follows them).
+        tensors = [_to_tensor(image).to(self.device) for image in images]
+        with self._autocast():
+            outputs = self.model(tensors)
+        return [self._detections(out) for out in outputs]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _detections(self, out: dict[str, torch.Tensor]) -> Detections:
+        scores = out["scores"].float().cpu().numpy()
+        keep = scores >= self.score_threshold
+        masks = out.get("masks")
+        keypoints = out.get("keypoints")
+        if keypoints is not None and "keypoints_scores" in out:
+            keypoints = keypoints.clone()
+            keypoints[..., 2] = out["keypoints_scores"]
+        return Detections(
+            boxes=out["boxes"].float().cpu().numpy()[keep],
+            scores=scores[keep],
+            labels=out["labels"].cpu().numpy().astype(np.int64)[keep] - 1,
+            class_names=self.class_names,
+            masks=None if masks is None else (masks[:, 0].float().cpu().numpy()[keep] >= 0.5),
+            keypoints=None if keypoints is None else keypoints.float().cpu().numpy()[keep],
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.source or 'model'} on {self.device} ({self.precision}"
+            f"{', channels-last' if self.channels_last else ''}), {len(self.class_names)} classes, "
+            f"score >= {self.score_threshold}"
+        )
+
+
+def _rebuild(
+    path: Path, arch: str, names: list[str], model_cfg: Any, config: Config | None, metadata: dict[str, Any]
+) -> nn.Module:
+    from detforge.config import ModelConfig
+
+    cfg = (model_cfg or ModelConfig(arch=arch)).model_copy(update={"weights": None, "backbone_weights": None})
+    min_size = list(config.data.min_size) if config is not None else [800]
+    max_size = config.data.max_size if config is not None else 1333
+    keypoints = metadata.get("keypoint_names") or []
+    model = build_model(
+        cfg, num_classes=len(names), min_size=min_size, max_size=max_size, num_keypoints=len(keypoints) or None
+    )
+    report = fit_state_dict(model, load_state_dict_file(path), source=str(path))
+    if report.reinitialised or report.missing:
+        raise CheckpointError(
+            f"{path}: does not fit {arch} with {len(names)} classes ({report.summary()}). Was it trained with "
+            "another architecture or class list?"
+        )
+    return model
+
+
+def _resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision: expected fp32, bf16 or auto, found {precision!r}.")
+    return precision
+
+
+def _to_tensor(image: Any) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image if image.is_floating_point() else image.float() / 255
+    if isinstance(image, PILImage.Image):
+        image = np.asarray(image.convert("RGB"))
+    array = np.ascontiguousarray(image)
+    if not array.flags.writeable:  # torch wants writable memory; PIL hands out read-only buffers
+        array = array.copy()
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ConfigError(f"expected an RGB image (H, W, 3), found an array of shape {array.shape}.")
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
+
+
+def batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of up to ``size`` consecutive items."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

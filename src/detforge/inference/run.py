@@ -1,0 +1,301 @@
+"""``detforge predict``: a model over images, folders, globs and videos, to annotated files and JSON.
+
+Outputs in ``out_dir``:
+
+- ``images/<name>.jpg``: each image with its detections drawn (masks with alpha, labels with scores);
+- ``results.json``: COCO results of every image (``image_id, category_id, bbox, score[, segmentation]``) and
+  ``images.json``: the COCO image and category list they refer to, so ``detforge show-predictions results.json
+  --dataset images.json`` draws them again and ``detforge data`` tools read them;
+- ``<video stem>.mp4`` (annotated, same frame rate and frame count) and ``<video stem>.jsonl``: one line per frame
+  ``{"frame", "time", "detections": [...]}``.
+
+Nothing is dropped silently: an unreadable image or a damaged video is reported (name and reason) and counted,
+and the rest is still processed.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+from PIL import Image as PILImage
+
+from detforge.data.formats.coco import save_coco
+from detforge.data.images import is_image_file, load_image_rgb
+from detforge.data.records import Category, Dataset, Image
+from detforge.draw import draw_instances
+from detforge.errors import ConfigError, DatasetError
+from detforge.files import atomic_write_bytes
+from detforge.inference.predictor import Detections, Predictor, batched
+from detforge.inference.results import coco_results
+from detforge.inference.video import VideoWriter, is_video_file, probe_video, read_frames
+from detforge.progress import track
+
+__all__ = ["PredictSummary", "expand_inputs", "predict"]
+
+JPEG_QUALITY = 90
+
+
+class Model(Protocol):
+    """What :func:`predict` needs of a model: a Predictor, or the ONNX Runtime one."""
+
+    class_names: list[str]
+
+    def predict(self, images: Sequence[Any]) -> list[Detections]: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class PredictSummary:
+    """What a :func:`predict` call did."""
+
+    out_dir: Path
+    images: int = 0
+    frames: int = 0
+    detections: int = 0
+    videos: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "path: reason"
+    results: Path | None = None
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{self.images} images, {self.frames} video frames, {self.detections} detections in {self.seconds:.1f} s"
+        ]
+        if self.results is not None:
+            out.append(f"results: {self.results}")
+        out += [f"video: {v}" for v in self.videos]
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)}:")
+            out += [f"  {s}" for s in self.skipped]
+        return out
+
+
+@dataclass
+class Inputs:
+    images: list[Path]
+    videos: list[Path]
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Inputs:
+    """Images and videos named by ``inputs``: files, folders (searched recursively) and glob patterns.
+
+    Raises:
+        ConfigError: an input that matches nothing, or a file that is neither an image nor a video.
+    """
+    images: list[Path] = []
+    videos: list[Path] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            images += [p for p in found if is_image_file(p)]
+            videos += [p for p in found if is_video_file(p)]
+        elif path.is_file():
+            if is_video_file(path):
+                videos.append(path)
+            elif is_image_file(path):
+                images.append(path)
+            else:
+                raise ConfigError(f"{path}: neither an image nor a video (by its extension). Give images or videos.")
+        elif glob.has_magic(text):
+            matched = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            images += [p for p in matched if is_image_file(p)]
+            videos += [p for p in matched if is_video_file(p)]
+            if not matched:
+                raise ConfigError(f"{text}: the pattern matches no file.")
+        else:
+            raise ConfigError(f"{text}: no such file or folder.")
+    if not images and not videos:
+        raise ConfigError(f"no image or video found in {', '.join(map(os.fspath, inputs))}.")
+    return Inputs(list(dict.fromkeys(images)), list(dict.fromkeys(videos)))
+
+
+def predict(
+    model: Model | str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    score_threshold: float = 0.5,
+    classes: Sequence[str] | None = None,
+    batch_size: int = 2,
+    device: str = "cpu",
+    precision: str = "auto",
+    backend: str = "torch",
+    save_images: bool = True,
+) -> PredictSummary:
+    """Run ``model`` (a Predictor, or a path / URL / ``model:`` ref) over ``inputs``; see the module doc."""
+    started = time.perf_counter()
+    found = expand_inputs(inputs)
+    predictor = _load(model, score_threshold=score_threshold, device=device, precision=precision, backend=backend)
+    keep = _class_filter(predictor.class_names, classes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = PredictSummary(out)
+    if found.images:
+        _predict_images(predictor, found.images, out, batch_size, keep, save_images, summary)
+    for video in found.videos:
+        _predict_video(predictor, video, out, batch_size, keep, summary)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _load(model: Model | str | os.PathLike[str], **options: Any) -> Model:
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    backend = options.pop("backend")
+    if backend == "onnxruntime":
+        from detforge.inference.onnx_backend import OnnxPredictor
+
+        return OnnxPredictor.load(os.fspath(model), score_threshold=options["score_threshold"])
+    if backend != "torch":
+        raise ConfigError(f"backend: expected torch or onnxruntime, found {backend!r}.")
+    return Predictor.load(model, **options)
+
+
+def _class_filter(names: list[str], classes: Sequence[str] | None) -> np.ndarray | None:
+    """Indices of the kept classes, or None to keep all."""
+    if not classes:
+        return None
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        raise ConfigError(f"--classes: {', '.join(unknown)} not among the model's classes ({', '.join(names)}).")
+    return np.array([names.index(c) for c in classes], dtype=np.int64)
+
+
+def _filtered(detections: Detections, keep: np.ndarray | None) -> Detections:
+    return detections if keep is None else detections.select(np.isin(detections.labels, keep))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# images
+
+
+def _read(path: Path) -> PILImage.Image | str:
+    """The image, or the reason it cannot be read (so one bad file never stops a batch)."""
+    try:
+        return load_image_rgb(path)
+    except DatasetError as exc:
+        return str(exc)
+
+
+def _prefetched(paths: list[Path], workers: int = 2) -> Iterator[tuple[Path, PILImage.Image | str]]:
+    """Decoded images in order, decoded ahead in threads (PIL releases the GIL while decoding)."""
+    with ThreadPoolExecutor(workers) as pool:
+        yield from zip(paths, pool.map(_read, paths), strict=True)
+
+
+def _predict_images(
+    predictor: Model,
+    paths: list[Path],
+    out: Path,
+    batch_size: int,
+    keep: np.ndarray | None,
+    save_images: bool,
+    summary: PredictSummary,
+) -> None:
+    root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    records: list[Image] = []
+    results: list[dict[str, Any]] = []
+    category_ids = list(range(1, len(predictor.class_names) + 1))
+    names = _output_names(paths, root)
+    readable = ((p, im) for p, im in _prefetched(paths) if _readable(p, im, summary))
+    for batch in batched(track(readable, "Predicting images", total=len(paths), unit="images"), batch_size):
+        detections = predictor.predict([image for _, image in batch])
+        for (path, image), found in zip(batch, detections, strict=True):
+            found = _filtered(found, keep)
+            image_id = len(records) + 1
+            records.append(Image(id=image_id, file_name=str(path.resolve().relative_to(root)),
+                                 width=image.width, height=image.height))  # fmt: skip
+            results += coco_results(found, image_id=image_id, category_ids=category_ids)
+            summary.images += 1
+            summary.detections += len(found)
+            if save_images:
+                picture = _draw(image, found)
+                buffer = _jpeg(picture)
+                atomic_write_bytes(out / "images" / names[path], buffer)
+    categories = [Category(id=i, name=n) for i, n in zip(category_ids, predictor.class_names, strict=True)]
+    save_coco(Dataset(image_root=str(root), images=records, categories=categories), out / "images.json")
+    summary.results = atomic_write_bytes(out / "results.json", orjson.dumps(results))
+
+
+def _readable(path: Path, image: PILImage.Image | str, summary: PredictSummary) -> bool:
+    if isinstance(image, str):
+        summary.skipped.append(image if str(path) in image else f"{path}: {image}")
+        return False
+    return True
+
+
+def _output_names(paths: list[Path], root: Path) -> dict[Path, str]:
+    """``a/b.png`` -> ``a__b.jpg``: unique flat names even when folders hold same-named files."""
+    return {p: "__".join(p.resolve().relative_to(root).with_suffix(".jpg").parts) for p in paths}
+
+
+def _draw(image: Any, found: Detections) -> PILImage.Image:
+    return draw_instances(
+        image,
+        boxes_xyxy=found.boxes,
+        labels=found.labels,
+        scores=found.scores,
+        masks=found.masks,
+        class_names=found.class_names,
+    )
+
+
+def _jpeg(picture: PILImage.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# videos
+
+
+def _predict_video(
+    predictor: Model, path: Path, out: Path, batch_size: int, keep: np.ndarray | None, summary: PredictSummary
+) -> None:
+    try:
+        info = probe_video(path)
+    except DatasetError as exc:
+        summary.skipped.append(str(exc))
+        return
+    writer = VideoWriter(out / f"{path.stem}.mp4", fps=info.fps)
+    lines_path = out / f"{path.stem}.jsonl"
+    tmp_lines = lines_path.with_name(f".{lines_path.name}.partial")
+    frame_index = 0
+    try:
+        with tmp_lines.open("wb") as lines:
+            frames = track(read_frames(path), f"Predicting {path.name}", total=info.frames, unit="frames")
+            for batch in batched(frames, batch_size):
+                for frame, found in zip(batch, predictor.predict(batch), strict=True):
+                    found = _filtered(found, keep)
+                    writer.write(np.asarray(_draw(frame, found)))
+                    record = {"frame": frame_index, "time": round(float(frame_index / info.fps), 4),
+                              "detections": found.to_json()}  # fmt: skip
+                    lines.write(orjson.dumps(record) + b"\n")
+                    frame_index += 1
+                    summary.detections += len(found)
+    except DatasetError as exc:  # a truncated video: keep what was decoded, say so
+        summary.skipped.append(str(exc))
+    finally:
+        summary.frames += frame_index
+    if frame_index == 0:
+        writer.abort()
+        tmp_lines.unlink(missing_ok=True)
+        return
+    written = writer.close()
+    os.replace(tmp_lines, lines_path)
+    if written is not None:
+        summary.videos.append(written)

@@ -1,0 +1,142 @@
+"""`detforge predict` on images, folders, globs and videos; bad input is named, counted and skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from PIL import Image as PILImage
+from typer.testing import CliRunner
+
+import detforge
+from detforge.cli.main import app
+from detforge.data.formats.coco import load_coco
+from detforge.errors import ConfigError
+from detforge.inference.predictor import Predictor
+from detforge.inference.run import expand_inputs, predict
+from detforge.inference.video import VideoWriter, probe_video, read_frames
+from detforge.tracking.store import TrackingError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, module_tiny_dataset: Path) -> Path:
+    """A 4-iteration Faster R-CNN MobileNet on the tiny dataset (final weights-only checkpoint with metadata)."""
+    out = tmp_path_factory.mktemp("trained")
+    cfg = {
+        "data": {"train": str(module_tiny_dataset), "min_size": [64], "max_size": 64, "num_workers": 0},
+        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "detections_per_image": 20},
+        "train": {"max_iter": 4, "batch_size": 2, "warmup_iters": 1, "checkpoint_period": 4},
+        "tracking": {"backend": "none"},
+        "output": {"dir": str(out)},
+    }
+    result = detforge.train(cfg)
+    assert result.final_checkpoint is not None
+    return result.final_checkpoint
+
+
+def synthetic_video(path: Path, frames: int, size: tuple[int, int] = (63, 81)) -> Path:
+    with VideoWriter(path, fps=12) as writer:
+        for i in range(frames):
+            frame = np.full((*size, 3), 30, np.uint8)
+            frame[10:40, i : i + 25] = (220, 40, 40)
+            writer.write(frame)
+    return path
+
+
+def test_inputs_expand_folders_globs_and_files(module_tiny_dataset: Path, tmp_path: Path) -> None:
+    images = module_tiny_dataset.parent / "images"
+    video = synthetic_video(tmp_path / "clip.mp4", 3)
+    found = expand_inputs([images, str(images / "img_0[12].png"), video])
+    assert [p.name for p in found.images] == ["img_01.png", "img_02.png", "img_03.png", "img_04.png"]
+    assert found.videos == [video]
+    with pytest.raises(ConfigError, match="nope.png: no such file"):
+        expand_inputs([tmp_path / "nope.png"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="notes.txt: neither an image nor a video"):
+        expand_inputs([tmp_path / "notes.txt"])
+    with pytest.raises(ConfigError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.jpeg")])
+
+
+def test_images_give_annotated_files_and_coco_results_and_a_bad_image_is_skipped(
+    checkpoint: Path, module_tiny_dataset: Path, tmp_path: Path
+) -> None:
+    images = module_tiny_dataset.parent / "images"
+    broken = tmp_path / "in" / "broken.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a jpeg")
+    summary = predict(checkpoint, [images, broken], tmp_path / "out", score_threshold=0.0, precision="fp32")
+    assert summary.images == 4 and len(summary.skipped) == 1 and "broken.jpg" in summary.skipped[0]
+    assert len(list((tmp_path / "out" / "images").glob("*.jpg"))) == 4
+    index = load_coco(tmp_path / "out" / "images.json", check_images=True)  # the listed images exist
+    results = orjson.loads((tmp_path / "out" / "results.json").read_bytes())
+    assert len(results) == summary.detections > 0
+    assert {r["image_id"] for r in results} <= {im.id for im in index.images}
+    assert {r["category_id"] for r in results} <= {1, 2} and index.class_names == ["circle", "square"]
+    # the same detections as the predictor gives directly
+    predictor = Predictor.load(checkpoint, score_threshold=0.0, precision="fp32")
+    first = predictor.predict([PILImage.open(images / "img_01.png").convert("RGB")])
+    on_first = [r for r in results if r["image_id"] == 1]
+    assert len(on_first) == len(first[0])
+    np.testing.assert_allclose(sorted(r["score"] for r in on_first), sorted(first[0].scores), atol=1e-4)
+
+
+def test_a_video_gives_an_mp4_with_every_frame_and_json_lines(checkpoint: Path, tmp_path: Path) -> None:
+    video = synthetic_video(tmp_path / "clip.mp4", 14)
+    summary = predict(checkpoint, [video], tmp_path / "out", score_threshold=0.0, batch_size=4, precision="fp32")
+    written = tmp_path / "out" / "clip.mp4"
+    assert summary.videos == [written] and summary.frames == 14
+    assert sum(1 for _ in read_frames(written)) == 14
+    info = probe_video(written)
+    assert (info.width, info.height) == (82, 64)  # odd sizes padded to even for yuv420p
+    lines = (tmp_path / "out" / "clip.jsonl").read_text().splitlines()
+    assert [json.loads(line)["frame"] for line in lines] == list(range(14))
+    assert json.loads(lines[12])["time"] == pytest.approx(1.0)
+
+
+def test_a_truncated_video_is_named_and_the_rest_is_still_processed(
+    checkpoint: Path, module_tiny_dataset: Path, tmp_path: Path
+) -> None:
+    good = synthetic_video(tmp_path / "good.mp4", 4)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    image = module_tiny_dataset.parent / "images" / "img_01.png"
+    summary = predict(checkpoint, [bad, good, image], tmp_path / "out", precision="fp32")
+    assert summary.images == 1 and summary.frames == 4
+    assert len(summary.skipped) == 1 and "bad.mp4" in summary.skipped[0]
+    assert not (tmp_path / "out" / "bad.mp4").exists()  # nothing half-written under the final name
+
+
+def test_unknown_model_and_class_are_clear_errors(checkpoint: Path, module_tiny_dataset: Path, tmp_path: Path) -> None:
+    image = module_tiny_dataset.parent / "images" / "img_01.png"
+    with pytest.raises(TrackingError, match="model:nothing.*no registered model 'nothing'"):
+        predict("model:nothing@best-bbox-AP", [image], tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"--classes: dog not among the model's classes \(circle, square\)"):
+        predict(checkpoint, [image], tmp_path / "out", classes=["dog"])
+
+
+def test_cli_predict_with_class_filter_then_show_predictions(
+    checkpoint: Path, module_tiny_dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["predict", str(checkpoint), str(module_tiny_dataset.parent / "images"), "--out", str(out),
+            "--score-threshold", "0", "--precision", "fp32", "--classes", "square"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 images, 0 video frames" in result.output
+    results = orjson.loads((out / "results.json").read_bytes())
+    assert results and {r["category_id"] for r in results} == {2}
+    shown = runner.invoke(
+        app, ["show-predictions", str(out / "results.json"), "--dataset", str(module_tiny_dataset), "--out",
+              str(tmp_path / "shown"), "--score-threshold", "0"]
+    )  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert len(list((tmp_path / "shown").glob("*.jpg"))) == 4
+    stray = runner.invoke(app, ["show-predictions", str(out / "results.json"), "--dataset", str(out / "images.json"),
+                                "--out", str(tmp_path / "again")])  # fmt: skip
+    assert stray.exit_code == 0, stray.output  # predict's own image list works as the dataset too
