@@ -245,6 +245,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         CheckpointError: the file is unreadable, holds code objects, or holds no state dict.
     """
     path = Path(path)
+    if _detectron.is_detectron_file(path):  # Detectron2 / Detectron (Caffe2) names, .pkl via a restricted unpickler
+        return _detectron.load_detectron_state_dict(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -375,3 +377,6 @@ def fit_state_dict(
         k for k in target if k not in skipped and k.startswith(prefix) and not k.endswith("num_batches_tracked")
     ]
     return report
+
+
+from detforge.models import detectron as _detectron  # noqa: E402  (registers detectron2://, detectron://)
