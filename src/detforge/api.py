@@ -33,7 +33,7 @@ from detforge.evaluation.report import write_report
 from detforge.models.build import MODELS, build_model
 from detforge.tracking import registry as _registry  # registers the model: weights resolver
 from detforge.tracking.datasets import is_dataset_ref
-from detforge.tracking.store import open_store
+from detforge.tracking.store import TrackingError, open_store
 from detforge.tracking.tracker import RunContext, build_tracker
 
 console = Console(stderr=True)
@@ -202,7 +202,9 @@ def train(
         parent_model=_parent_model(cfg),
         metadata=_checkpoint_metadata(cfg, data),
     )
-    built_in.append(build_tracker(context, is_main=dist_info.is_main))
+    # Before the Checkpointer: a step's points are spooled (and synced to disk) before its checkpoint is written.
+    checkpointer_at = next(i for i, cb in enumerate(built_in) if isinstance(cb, Checkpointer))
+    built_in.insert(checkpointer_at, build_tracker(context, is_main=dist_info.is_main))
     trainer = Trainer(
         _maybe_ddp(model, device, dist_info),
         optimizer,
@@ -392,13 +394,15 @@ def evaluate(config: ConfigLike, overrides: list[str] | None = None) -> EvalResu
     if tracking_on:
         from detforge.tracking.evaluations import record_evaluation
 
-        run_id = record_evaluation(
-            result,
-            folder,
-            model=model_ref,
-            dataset=sources.refs.get("val"),
-            config=cfg,
-            store=open_store(cfg.tracking.uri),
-        )
-        console.print(f"evaluation recorded: MLflow run {run_id} (experiment detforge-evaluations)", highlight=False)
+        store = open_store(cfg.tracking.uri)
+        try:
+            run_id = record_evaluation(
+                result, folder, model=model_ref, dataset=sources.refs.get("val"), config=cfg, store=store
+            )
+        except TrackingError as exc:  # the numbers and the report are on disk; say what was not recorded
+            console.print(f"[yellow]evaluation not recorded: {exc}", highlight=False)
+        else:
+            console.print(
+                f"evaluation recorded: MLflow run {run_id} (experiment detforge-evaluations)", highlight=False
+            )
     return result

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from detforge.files import atomic_write_text
 from detforge.progress import progress_mode
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class MetricsLog(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if _line_iteration(ln) <= trainer.iteration]
-            self.path.write_text("".join(f"{ln}\n" for ln in kept))
+            atomic_write_text(self.path, "".join(f"{ln}\n" for ln in kept))
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         if trainer.is_main and (out.iteration % self.period == 0 or out.iteration == trainer.max_iter):

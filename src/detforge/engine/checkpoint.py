@@ -12,6 +12,7 @@ import torch
 
 from detforge.engine.callbacks import Callback, StepOutput, better
 from detforge.errors import CheckpointError
+from detforge.files import atomic_write_text
 
 if TYPE_CHECKING:
     from detforge.engine.trainer import Trainer
@@ -103,7 +104,7 @@ class Checkpointer(Callback):
         trainer.gather_rng_states()  # every rank takes part; rank 0 writes them all
         if trainer.is_main:
             path = self._write(trainer, f"model_{out.iteration:07d}.pt")
-            (self.folder / LAST_POINTER).write_text(path.name)
+            atomic_write_text(self.folder / LAST_POINTER, path.name)
             self._prune()
             trainer.dispatch("on_checkpoint", path, "periodic")
             if done:

@@ -11,7 +11,6 @@ supports it natively (see :func:`cpu_supports_bf16`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -134,6 +133,10 @@ class Predictor:
         self.model = model.eval().to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.precision == "bf16" and hasattr(self.model, "backbone"):
+            # Only the backbone (most of the time) runs in bf16; proposals, box decoding, NMS and mask pasting stay
+            # fp32, so boxes and scores keep their precision (bf16 would round coordinates to 4 px above 512).
+            self.model.backbone = Bf16Backbone(self.model.backbone, self.device.type)
         self.class_names = list(class_names)
         self.score_threshold = score_threshold
         self.source = source
@@ -193,30 +196,24 @@ class Predictor:
             return []
         # Channels-last weights make the convolutions run channels-last (the batched input follows them).
         tensors = [_to_tensor(image).to(self.device) for image in images]
-        with self._autocast():
-            outputs = self.model(tensors)
+        outputs = self.model(tensors)
         return [self._detections(out) for out in outputs]
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _detections(self, out: dict[str, torch.Tensor]) -> Detections:
-        scores = out["scores"].float().cpu().numpy()
-        keep = scores >= self.score_threshold
+        # label 0 is background (RetinaNet/FCOS can emit it with random weights): never a class
+        keep = (out["scores"] >= self.score_threshold) & (out["labels"] >= 1)
         masks = out.get("masks")
         keypoints = out.get("keypoints")
         if keypoints is not None and "keypoints_scores" in out:
             keypoints = keypoints.clone()
             keypoints[..., 2] = out["keypoints_scores"]
         return Detections(
-            boxes=out["boxes"].float().cpu().numpy()[keep],
-            scores=scores[keep],
-            labels=out["labels"].cpu().numpy().astype(np.int64)[keep] - 1,
+            boxes=out["boxes"][keep].float().cpu().numpy(),
+            scores=out["scores"][keep].float().cpu().numpy(),
+            labels=out["labels"][keep].cpu().numpy().astype(np.int64) - 1,
             class_names=self.class_names,
-            masks=None if masks is None else (masks[:, 0].float().cpu().numpy()[keep] >= 0.5),
-            keypoints=None if keypoints is None else keypoints.float().cpu().numpy()[keep],
+            masks=None if masks is None else (masks[keep][:, 0] >= 0.5).cpu().numpy(),  # select before converting
+            keypoints=None if keypoints is None else keypoints[keep].float().cpu().numpy(),
         )
 
     def describe(self) -> str:
@@ -225,6 +222,22 @@ class Predictor:
             f"{', channels-last' if self.channels_last else ''}), {len(self.class_names)} classes, "
             f"score >= {self.score_threshold}"
         )
+
+
+class Bf16Backbone(nn.Module):
+    """Runs a backbone under bfloat16 autocast and hands fp32 features to the rest of the model."""
+
+    def __init__(self, inner: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.inner, self.device_type = inner, device_type
+        self.out_channels = getattr(inner, "out_channels", None)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            features = self.inner(x)
+        if isinstance(features, torch.Tensor):
+            return features.float()
+        return type(features)((k, v.float()) for k, v in features.items())
 
 
 def _rebuild(

@@ -19,6 +19,7 @@ import glob
 import io
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -141,12 +142,13 @@ def predict(
     predictor = _load(model, score_threshold=score_threshold, device=device, precision=precision, backend=backend)
     keep = _class_filter(predictor.class_names, classes)
     out = Path(out_dir)
+    _refuse_overwriting_inputs(found, out)
     out.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(out)
     if found.images:
         _predict_images(predictor, found.images, out, batch_size, keep, save_images, summary)
-    for video in found.videos:
-        _predict_video(predictor, video, out, batch_size, keep, summary)
+    for video, stem in _video_stems(found.videos).items():
+        _predict_video(predictor, video, out / stem, batch_size, keep, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -238,8 +240,31 @@ def _readable(path: Path, image: PILImage.Image | str, summary: PredictSummary) 
 
 
 def _output_names(paths: list[Path], root: Path) -> dict[Path, str]:
-    """``a/b.png`` -> ``a__b.jpg``: unique flat names even when folders hold same-named files."""
-    return {p: "__".join(p.resolve().relative_to(root).with_suffix(".jpg").parts) for p in paths}
+    """``a/b.png`` -> ``a__b.jpg``: flat names, unique even for ``x.png`` beside ``x.jpg`` (``x.png.jpg``)."""
+    flat = {p: "__".join(p.resolve().relative_to(root).parts) for p in paths}
+    stems = Counter(str(Path(name).with_suffix("")) for name in flat.values())
+    return {
+        p: (str(Path(name).with_suffix(".jpg")) if stems[str(Path(name).with_suffix(""))] == 1 else f"{name}.jpg")
+        for p, name in flat.items()
+    }
+
+
+def _video_stems(videos: list[Path]) -> dict[Path, str]:
+    """Output stem of each video: its name, or ``folder__name`` when two videos share a name."""
+    counts = Counter(v.stem for v in videos)
+    return {v: v.stem if counts[v.stem] == 1 else "__".join(v.resolve().parts[-2:]).replace(".", "_") for v in videos}
+
+
+def _refuse_overwriting_inputs(found: Inputs, out: Path) -> None:
+    inputs = {p.resolve() for p in [*found.images, *found.videos]}
+    outputs = [out / f"{stem}{suffix}" for stem in _video_stems(found.videos).values() for suffix in (".mp4", ".jsonl")]
+    outputs += [out / "results.json", out / "images.json"]
+    clash = [str(p) for p in outputs if p.resolve() in inputs]
+    if clash or any(p.resolve().is_relative_to((out / "images").resolve()) for p in found.images):
+        raise ConfigError(
+            f"--out {out}: predictions would overwrite the inputs ({', '.join(clash) or out / 'images'}). "
+            "Choose another output folder."
+        )
 
 
 def _draw(image: Any, found: Detections) -> PILImage.Image:
@@ -264,15 +289,16 @@ def _jpeg(picture: PILImage.Image) -> bytes:
 
 
 def _predict_video(
-    predictor: Model, path: Path, out: Path, batch_size: int, keep: np.ndarray | None, summary: PredictSummary
+    predictor: Model, path: Path, target: Path, batch_size: int, keep: np.ndarray | None, summary: PredictSummary
 ) -> None:
+    """Annotate ``path`` into ``target.mp4`` and ``target.jsonl``."""
     try:
         info = probe_video(path)
     except DatasetError as exc:
         summary.skipped.append(str(exc))
         return
-    writer = VideoWriter(out / f"{path.stem}.mp4", fps=info.fps)
-    lines_path = out / f"{path.stem}.jsonl"
+    writer = VideoWriter(target.with_name(f"{target.name}.mp4"), fps=info.fps)
+    lines_path = target.with_name(f"{target.name}.jsonl")
     tmp_lines = lines_path.with_name(f".{lines_path.name}.partial")
     frame_index = 0
     try:
@@ -289,6 +315,10 @@ def _predict_video(
                     summary.detections += len(found)
     except DatasetError as exc:  # a truncated video: keep what was decoded, say so
         summary.skipped.append(str(exc))
+    except BaseException:
+        writer.abort()
+        tmp_lines.unlink(missing_ok=True)
+        raise
     finally:
         summary.frames += frame_index
     if frame_index == 0:

@@ -57,7 +57,7 @@ def show_predictions(
         except DatasetError as exc:
             skipped.append(f"{image.file_name}: {exc}")
             continue
-        name = "__".join(Path(image.file_name).with_suffix(".jpg").parts)
+        name = "__".join(Path(image.file_name).with_suffix(".jpg").parts[Path(image.file_name).is_absolute() :])
         atomic_write_bytes(Path(out_dir) / name, _jpeg(picture))
         written += 1
     return written, skipped

@@ -90,7 +90,7 @@ class VideoWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.partial.mp4")
-        self.fps = Fraction(fps).limit_denominator(1001 * 1000)
+        self.fps = Fraction(fps).limit_denominator(65535)  # MPEG-4 Part 2 allows 16-bit time bases
         self.crf = crf
         self._container: av.container.OutputContainer | None = None
         self._stream: av.VideoStream | None = None

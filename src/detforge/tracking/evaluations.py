@@ -10,10 +10,13 @@ version's ``detforge.evaluation`` tag.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from detforge.config import Config
 from detforge.evaluation.coco import EvalResult
@@ -49,33 +52,46 @@ def record_evaluation(
     store: Store | None = None,
 ) -> str:
     """Record ``result`` (and the report files in ``folder``) as an evaluation run; return its id."""
-    from mlflow.entities import Metric
-
     store = store or open_store()
     client = store.client()
     tags = {**run_environment(), "detforge.kind": KIND_EVALUATION, TAG_MODEL: model}
     if dataset:
         tags[TAG_DATASET] = dataset
+    if Path(model).is_file():
+        tags["detforge.weights_sha256"] = hashlib.sha256(Path(model).read_bytes()).hexdigest()
     try:
         run = client.create_run(store.experiment_id(EVALUATIONS_EXPERIMENT), tags=tags)
     except Exception as exc:
         raise TrackingError(f"cannot record the evaluation in {store.describe()}: {exc}") from None
     run_id = run.info.run_id
+    try:
+        _log_evaluation(client, run_id, result, folder, config)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status="FAILED")
+        raise TrackingError(
+            f"recording the evaluation in {store.describe()} failed part-way (run {run_id}): {exc}"
+        ) from None
+    return str(run_id)
+
+
+def _log_evaluation(client: Any, run_id: str, result: EvalResult, folder: str | Path, config: Config | None) -> None:
+    from mlflow.entities import Metric, Param
+
     now = int(time.time() * 1000)
     metrics = [Metric(k.replace(":", "_"), v, now, 0) for k, v in result.metrics.items() if math.isfinite(v)]
     for iou_type, per_class in result.per_class.items():
-        metrics += [Metric(f"per_class/{iou_type}/{_key(n)}", ap, now, 0) for n, ap in per_class.items() if ap >= 0]
+        metrics += [
+            Metric(f"per_class/{iou_type}/{_key(n)}"[:250], ap, now, 0) for n, ap in per_class.items() if ap >= 0
+        ]
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     if config is not None:
-        from mlflow.entities import Param
-
         params = [Param(k, v[:6000]) for k, v in flatten_config(config).items()]
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
     client.log_artifacts(run_id, str(folder), ARTIFACT)
     client.set_terminated(run_id)
-    return str(run_id)
 
 
 def find_evaluations(model: str, *, store: Store | None = None) -> list[EvaluationRecord]:

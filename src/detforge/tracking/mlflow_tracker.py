@@ -9,6 +9,7 @@ MLflow run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -49,6 +50,7 @@ RUN_FILE = "run.json"
 KIND_TRAINING = "training"
 _METRIC_KEY = re.compile(r"[^\w\-. /]")
 _BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
+_MAX_KEY = 250  # MLflow's limit on metric, param and tag keys
 
 
 class MlflowTracker(Tracker):
@@ -75,11 +77,11 @@ class MlflowTracker(Tracker):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.run_id = self._open_run(resuming=trainer.iteration > 0)
-        sender = MlflowSender(self.store.client(), self.run_id)
+        sender = MlflowSender(self.store.client(), self.run_id, rejected=self.folder / "rejected.jsonl")
         self.spool = Spool(self.folder, sender.send, flush_seconds=self.cfg.flush_seconds)
         if trainer.iteration > 0:  # points the interrupted run spooled after this checkpoint are made again
             resumed_at = trainer.iteration
-            self.spool.drop_pending(lambda op: int(op.get("step", 0)) > resumed_at)
+            self.spool.drop_pending(lambda op: op["op"] in ("end", "tags") or int(op.get("step", 0)) > resumed_at)
         self.spool.start()
         if trainer.iteration == 0:
             self._record_setup()
@@ -103,7 +105,9 @@ class MlflowTracker(Tracker):
         eval_dir = self.ctx.out_dir / "eval" / f"iter_{step:07d}"
         if eval_dir.is_dir():
             self.last_eval_artifact = f"evaluations/iter_{step:07d}"
-            self._append({"op": "artifact", "path": str(eval_dir), "artifact_path": self.last_eval_artifact})
+            self._append(
+                {"op": "artifact", "path": str(eval_dir), "artifact_path": self.last_eval_artifact, "step": step}
+            )
         if result is not None and self.ctx.val is not None and self.cfg.num_eval_images:
             self._log_prediction_images(result, step)
         improved = self.best.improved(metrics)
@@ -136,6 +140,8 @@ class MlflowTracker(Tracker):
         self.spool = None
 
     def state_dict(self) -> dict[str, Any]:
+        if self.spool is not None:  # a checkpoint is being written: what it claims was recorded must be on disk
+            self.spool.sync_to_disk()
         return {"best": self.best.state_dict(), "run_id": self.run_id, "registered": sorted(self.registered)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,11 +225,12 @@ class MlflowTracker(Tracker):
 
     def _register(self, path: Path, iteration: int, *, aliases: list[dict[str, Any]], delete_after: bool) -> None:
         self.registered.add(iteration)
+        sha = registry._sha256(path)
         tags = {
             registry.TAG_ITERATION: str(iteration),
             registry.TAG_METRICS: json.dumps(self.last_metrics, sort_keys=True),
             registry.TAG_DATASETS: json.dumps(self.ctx.datasets, sort_keys=True),
-            registry.TAG_SHA256: registry._sha256(path),
+            registry.TAG_SHA256: sha,
             "detforge.arch": self.ctx.config.model.arch,
             "detforge.classes": json.dumps(self.ctx.class_names),
         }
@@ -236,8 +243,11 @@ class MlflowTracker(Tracker):
                 "op": "register",
                 "name": self.model_name,
                 "path": str(path),
-                "artifact_path": f"checkpoints/iter_{iteration:07d}",
-                "key": f"{self.run_id}:{iteration}",
+                # the file's hash in path and key: a resumed run that makes other bytes at this iteration
+                # registers a new version instead of overwriting the file an existing version points at
+                "artifact_path": f"checkpoints/iter_{iteration:07d}-{sha[:8]}",
+                "key": f"{self.run_id}:{iteration}:{sha[:16]}",
+                "step": iteration,
                 "tags": tags,
                 "aliases": aliases,
                 "delete_after": delete_after,
@@ -246,18 +256,40 @@ class MlflowTracker(Tracker):
 
 
 class MlflowSender:
-    """Sends spooled operations to one MLflow run (metrics, params and tags in batches)."""
+    """Sends spooled operations to one MLflow run (metrics, params and tags in batches).
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    An operation the store refuses for good (an invalid value, a file that is gone or unreadable) would block
+    everything behind it forever; it is written to ``rejected.jsonl`` with the reason and reported instead.
+    Unreachable or failing servers raise, so the spool retries.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, *, rejected: Path | None = None) -> None:
+        self.client, self.run_id, self.rejected = client, run_id, rejected
 
     def send(self, ops: list[Op]) -> None:
         for kind, group in _groups(ops):
-            if kind in _BATCH_LIMITS:
-                self._send_batch(kind, group)
-            else:
-                for op in group:
-                    getattr(self, f"_send_{kind}")(op)
+            try:
+                self._send_group(kind, group)
+            except Exception as exc:
+                if not _permanent(exc):
+                    raise
+                self._reject(group, exc)
+
+    def _send_group(self, kind: str, group: list[Op]) -> None:
+        if kind in _BATCH_LIMITS:
+            self._send_batch(kind, group)
+        else:
+            for op in group:
+                getattr(self, f"_send_{kind}")(op)
+
+    def _reject(self, ops: list[Op], exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        console.print(f"[yellow]tracking: {len(ops)} {ops[0]['op']} records refused ({reason}); kept in "
+                      f"{self.rejected}", highlight=False)  # fmt: skip
+        if self.rejected is not None:
+            with self.rejected.open("a", encoding="utf-8") as f:
+                for op in ops:
+                    f.write(json.dumps({"reason": reason, "op": op}) + "\n")
 
     def _send_batch(self, kind: str, ops: list[Op]) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -327,7 +359,7 @@ def sync_run(out_dir: str | Path) -> tuple[int, int]:
     if not saved.get("run_id"):
         raise TrackingError(f"{folder / RUN_FILE}: no tracked run here. Give the output.dir of an MLflow-tracked run.")
     store = open_store(saved.get("uri"))
-    spool = Spool(folder, MlflowSender(store.client(), saved["run_id"]).send)
+    spool = Spool(folder, MlflowSender(store.client(), saved["run_id"], rejected=folder / "rejected.jsonl").send)
     before = spool.pending
     spool.close(timeout=0)
     return before - spool.pending, spool.pending
@@ -346,7 +378,22 @@ def _groups(ops: list[Op]) -> Iterator[tuple[str, list[Op]]]:
 
 
 def _metric_key(key: str) -> str:
-    return _METRIC_KEY.sub("_", key)
+    """A key MLflow accepts: unusual characters replaced, at most 250 characters (a hash keeps long ones apart)."""
+    key = _METRIC_KEY.sub("_", key)
+    if len(key) > _MAX_KEY:
+        key = f"{key[: _MAX_KEY - 9]}~{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return key
+
+
+def _permanent(exc: Exception) -> bool:
+    """Whether retrying ``exc`` can never succeed (the store refused the value, or a local file is bad)."""
+    code = getattr(exc, "error_code", None)
+    if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"):
+        return True
+    from PIL import UnidentifiedImageError
+
+    # Local files only: network errors (requests' ConnectionError is an OSError too) must be retried.
+    return isinstance(exc, FileNotFoundError | IsADirectoryError | UnidentifiedImageError)
 
 
 def _safe_key(text: str) -> str:

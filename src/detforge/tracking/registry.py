@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -235,20 +237,23 @@ def resolve_model(ref: str, *, store: Store | None = None) -> Path:
     expected = version.tags.get(TAG_SHA256)
     if path.is_file() and (expected is None or _sha256(path) == expected):
         return path
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))  # one per process: no races
     try:
         downloaded = Path(store.client().download_artifacts(version.run_id, artifact, str(tmp)))
+        if expected is not None and _sha256(downloaded) != expected:
+            raise TrackingError(
+                f"'{ref}': the stored checkpoint's sha256 differs from the one registered ({expected}); the store's "
+                "copy was changed after registration. Register the model again."
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(downloaded, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except TrackingError:
+        raise
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise TrackingError(f"'{ref}': could not download {artifact} of run {version.run_id}: {exc}") from None
-    if expected is not None and _sha256(downloaded) != expected:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TrackingError(f"'{ref}': the stored checkpoint's sha256 differs from the one registered ({expected}).")
-    folder.mkdir(parents=True, exist_ok=True)
-    downloaded.replace(path)
-    shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -12,21 +12,24 @@ never a missing one). Artifacts are referenced by path, so the spool stays small
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from detforge.files import atomic_write_text
+from detforge.tracking.store import TrackingError
 
 Op = dict[str, Any]
 Sender = Callable[[list[Op]], None]
 
 SPOOL_NAME = "spool.jsonl"
 DONE_NAME = "spool.done"
+LOCK_NAME = "spool.lock"
 
 
 class Spool:
@@ -47,8 +50,10 @@ class Spool:
         self.path, self.done_path = self.folder / SPOOL_NAME, self.folder / DONE_NAME
         self.send, self.flush_seconds, self.max_batch = send, flush_seconds, max_batch
         self._lock = threading.Lock()
+        self._sending = threading.Lock()  # one sender at a time: the thread, flush() or close()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._lock_file = _lock_folder(self.folder)
         self._ops: list[Op] = _read_ops(self.path)
         self._done = _read_done(self.done_path, len(self._ops))
         self._file = self.path.open("a", encoding="utf-8")
@@ -101,11 +106,12 @@ class Spool:
             if self._thread.is_alive():  # a second sender would race the first over ``_done``
                 with self._lock:
                     self._file.flush()
-                return False
+                return False  # the folder stays locked until the stuck thread's process ends
             self._thread = None
         ok = self.flush(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._file.close()
+        self._lock_file.close()  # releases the folder lock
         return ok
 
     def drop_pending(self, unwanted: Callable[[Op], bool]) -> int:
@@ -133,7 +139,17 @@ class Spool:
                 return
             delay = self.flush_seconds if self._send_pending() else min(delay * 2, 60.0)
 
+    def sync_to_disk(self) -> None:
+        """Flush and fsync the log, so what was appended survives a crash (called when a checkpoint is written)."""
+        with self._lock:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
     def _send_pending(self) -> bool:
+        with self._sending:
+            return self._send_batches()
+
+    def _send_batches(self) -> bool:
         with self._lock:
             self._file.flush()
             batch = self._ops[self._done : self._done + self.max_batch]
@@ -149,6 +165,24 @@ class Spool:
                 atomic_write_text(self.done_path, str(self._done))
                 batch = self._ops[self._done : self._done + self.max_batch]
         return True
+
+
+class SpoolBusyError(TrackingError):
+    """Another process (a training run, or ``detforge sync``) has this spool open."""
+
+
+def _lock_folder(folder: Path) -> IO[str]:
+    """Hold an exclusive lock on ``folder/spool.lock`` (released when the returned file is closed)."""
+    handle = (folder / LOCK_NAME).open("a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SpoolBusyError(
+            f"{folder}: the tracking spool is in use by another process (a training run or `detforge sync`); "
+            "wait until it ends."
+        ) from None
+    return handle
 
 
 def pending_count(folder: str | os.PathLike[str]) -> int:
