@@ -84,6 +84,7 @@ app = typer.Typer(
 def _register() -> None:
     from detforge.cli.convert import convert_cmd
     from detforge.cli.data import data_app
+    from detforge.cli.export import export_cmd
     from detforge.cli.predict import predict_cmd, show_predictions_cmd
     from detforge.cli.tracking import lineage_cmd, models_app, sync_cmd, ui_cmd
     from detforge.cli.train import eval_cmd, train_cmd
@@ -98,6 +99,7 @@ def _register() -> None:
     app.command("predict")(predict_cmd)
     app.command("show-predictions")(show_predictions_cmd)
     app.command("convert")(convert_cmd)
+    app.command("export")(export_cmd)
 
 
 @app.command("config-reference")

@@ -195,7 +195,7 @@ class Predictor:
         if not images:
             return []
         # Channels-last weights make the convolutions run channels-last (the batched input follows them).
-        tensors = [_to_tensor(image).to(self.device) for image in images]
+        tensors = [to_tensor(image).to(self.device) for image in images]
         outputs = self.model(tensors)
         return [self._detections(out) for out in outputs]
 
@@ -269,7 +269,7 @@ def _resolve_precision(precision: Precision, device: torch.device) -> Literal["f
     return precision
 
 
-def _to_tensor(image: Any) -> torch.Tensor:
+def to_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image if image.is_floating_point() else image.float() / 255
     if isinstance(image, PILImage.Image):

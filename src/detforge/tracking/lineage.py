@@ -102,6 +102,11 @@ class _Walker:
         if version.aliases:
             details["aliases"] = ", ".join(version.aliases)
         self.graph.nodes[ref] = Node(ref, "model", ref, details)
+        source = version.tags.get("detforge.source_model")  # an export (ONNX, TorchScript) of another version
+        if source and registry.is_model_ref(source):
+            details["format"] = version.tags.get("detforge.format", "?")
+            self.graph._edge(self.model(source), ref, f"exported ({details['format']})")
+            return ref
         if version.run_id:
             self.graph._edge(self.run(version.run_id), ref, f"checkpoint @ {version.iteration}")
         evaluation = version.tags.get(registry.TAG_EVALUATION)

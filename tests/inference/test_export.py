@@ -1,0 +1,272 @@
+"""Exported models (ONNX, TorchScript) predict what the PyTorch model predicts, on real balloon images.
+
+The models have random weights, so these tests need no training and no download. A random MobileNet's
+activations shrink about 100x per stage, which gives every RoI the same features and every detection the same
+score; the test checkpoints therefore take their BatchNorm statistics from the balloon images themselves. Their
+scores then spread over roughly 0.35-0.6 and the comparison covers every detection above 0.05.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import typer
+from PIL import Image
+from torchvision.ops import box_iou
+from typer.testing import CliRunner
+
+from detforge.cli.export import export_cmd
+from detforge.cli.main import DetforgeGroup
+from detforge.config import Config
+from detforge.engine.checkpoint import save_checkpoint
+from detforge.errors import CheckpointError, ConfigError
+from detforge.inference.export import ExportMetadata, export_model, read_export_metadata
+from detforge.inference.onnx_backend import OnnxPredictor
+from detforge.inference.predictor import Detections, Predictor
+from detforge.models.build import build_model
+from detforge.tracking import registry
+from detforge.tracking.lineage import build_lineage
+from detforge.tracking.store import Store, open_store
+
+pytestmark = [
+    # the test's own torch.jit.load and tiny legacy export, and the scripted model's notice on every call
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.onnx"),
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:RCNN always returns a \\(Losses, Detections\\) tuple in scripting"),
+]
+
+FASTER = "fasterrcnn_mobilenet_v3_large_320_fpn"
+MASK = "maskrcnn_mobilenet_v3_large_fpn"
+SCORE_THRESHOLD = 0.05
+# Few enough for Mask R-CNN's mask pasting to stay quick; the Faster R-CNN keeps all its post-NMS boxes.
+DETECTIONS_PER_IMAGE = {FASTER: 100, MASK: 30}
+IMAGES = {FASTER: 3, MASK: 2}  # Mask R-CNN's box head sees 1,000 proposals per image: ~2 s each on one core
+
+
+def balloon_images(shared_data: Path, count: int = 3) -> list[Image.Image]:
+    """The first validation images, decoded at 1/4 scale (about 512 px; the models resize to 320 anyway)."""
+    images = []
+    for path in sorted((shared_data / "balloon" / "val").glob("*.jpg"))[:count]:
+        image = Image.open(path)
+        image.draft("RGB", (image.width // 4, image.height // 4))
+        images.append(image.convert("RGB"))
+    return images
+
+
+def random_checkpoint(arch: str, images: list[Image.Image], path: Path) -> Path:
+    """A detforge checkpoint of a randomly initialised ``arch`` whose BatchNorm statistics are those of ``images``."""
+    torch.manual_seed(0)
+    config = Config.model_validate(
+        {
+            "data": {"train": "balloon.json", "min_size": [320], "max_size": 512},
+            "model": {
+                "arch": arch,
+                "score_threshold": SCORE_THRESHOLD,
+                "detections_per_image": DETECTIONS_PER_IMAGE[arch],
+            },
+        }
+    )
+    model: Any = build_model(config.model, num_classes=1, min_size=[320], max_size=512)
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the calibration batch
+    model.backbone.train()
+    with torch.no_grad():
+        batch, _ = model.transform([_tensor(image) for image in images])
+        model.backbone(batch.tensors)
+    metadata = {
+        "config": config.model_dump(mode="json"),
+        "class_names": ["balloon"],
+        "keypoint_names": [],
+        "arch": arch,
+    }
+    return save_checkpoint({"model": model.eval().state_dict(), "metadata": metadata}, path)
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread (and one ONNX Runtime thread below): on a shared 2-core machine two threads competing
+    with another busy process made the eager model 5-20x slower (0.25 s -> 1.3-5.6 s per image)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list[Image.Image]], Path]:
+    """``get(arch, images)``: the random checkpoint of ``arch``, made once per module."""
+    made: dict[str, Path] = {}
+    folder = tmp_path_factory.mktemp("checkpoints")
+
+    def get(arch: str, images: list[Image.Image]) -> Path:
+        if arch not in made:
+            made[arch] = random_checkpoint(arch, images, folder / f"{arch}.pt")
+        return made[arch]
+
+    return get
+
+
+def match(a: Detections, b: Detections) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)`` of the same detection in ``a`` and ``b`` (IoU > 0.9), greedily by ``a``'s score."""
+    if not len(a) or not len(b):
+        return []
+    iou = box_iou(torch.from_numpy(a.boxes), torch.from_numpy(b.boxes)).numpy()
+    pairs: list[tuple[int, int]] = []
+    for i in np.argsort(-a.scores, kind="stable"):
+        j = int(np.argmax(iou[i]))
+        if iou[i, j] > 0.9:
+            pairs.append((int(i), j))
+            iou[:, j] = -1
+    return pairs
+
+
+def assert_same_detections(eager: Detections, other: Detections) -> None:
+    """Matched boxes within 0.1 px, same labels, scores within 1e-3, masks differing on < 0.1 % of pixels.
+
+    A difference of 1e-5 in a score or a coordinate flips the NMS decision between two boxes whose IoU is
+    at the threshold (random weights make many such near-duplicates): each output may then keep a box the
+    other dropped. Such unmatched boxes must be rare and overlap a box of the other output.
+    """
+    pairs = match(eager, other)
+    assert pairs, "no detection in common"
+    i, j = (np.array(index) for index in zip(*pairs, strict=True))
+    np.testing.assert_allclose(other.boxes[j], eager.boxes[i], atol=0.1, rtol=0)
+    np.testing.assert_array_equal(other.labels[j], eager.labels[i])
+    np.testing.assert_allclose(other.scores[j], eager.scores[i], atol=1e-3, rtol=0)
+    if eager.masks is not None:
+        assert other.masks is not None and other.masks.shape[1:] == eager.masks.shape[1:]
+        differing = (other.masks[j] != eager.masks[i]).mean(axis=(1, 2))
+        assert differing.max() < 1e-3
+    for found, side, index in ((eager, other, i), (other, eager, j)):
+        unmatched = np.setdiff1d(np.arange(len(found)), index)
+        assert len(unmatched) <= 0.05 * len(found), f"{len(unmatched)} of {len(found)} detections unmatched"
+        if len(unmatched):
+            iou = box_iou(torch.from_numpy(found.boxes[unmatched]), torch.from_numpy(side.boxes)).numpy()
+            assert (iou.max(axis=1) > 0.5).all()
+
+
+@pytest.mark.parametrize("arch", [FASTER, MASK])
+def test_onnx_runtime_predicts_what_pytorch_predicts(
+    arch: str, shared_data: Path, checkpoints: Callable[[str, list[Image.Image]], Path], tmp_path: Path
+) -> None:
+    images = balloon_images(shared_data, IMAGES[arch])
+    checkpoint = checkpoints(arch, images)
+    exported = export_model(checkpoint, tmp_path / "model.onnx")
+    assert not [p for p in tmp_path.iterdir() if p.name != "model.onnx"], "the temporary file was renamed"
+
+    eager = Predictor.load(checkpoint, score_threshold=SCORE_THRESHOLD, precision="fp32")
+    onnx_predictor = OnnxPredictor.load(exported, score_threshold=SCORE_THRESHOLD, threads=1)
+    assert onnx_predictor.class_names == ["balloon"] and arch in onnx_predictor.describe()
+    sizes = {image.size for image in images}
+    assert len(sizes) == len(images), "the images differ in size: the graph's height and width are dynamic"
+    for image, found in zip(images, onnx_predictor.predict(images), strict=True):
+        (expected,) = eager.predict([image])  # one at a time: in a batch, padding to a common size moves boxes
+        assert len(expected) > 10
+        assert (found.masks is None) == (arch == FASTER)
+        if found.masks is not None:
+            assert found.masks.shape[1:] == (image.height, image.width) and found.masks.dtype == bool
+        assert_same_detections(expected, found)
+
+
+def test_torchscript_export_round_trips_with_its_class_names(
+    shared_data: Path, checkpoints: Callable[[str, list[Image.Image]], Path], tmp_path: Path
+) -> None:
+    images = balloon_images(shared_data, count=2)
+    checkpoint = checkpoints(FASTER, images)
+    exported = export_model(checkpoint, tmp_path / "model.pt", format="torchscript")
+
+    extra = {"detforge.json": ""}
+    scripted = torch.jit.load(str(exported), _extra_files=extra)
+    assert json.loads(extra["detforge.json"])["class_names"] == ["balloon"]
+    assert read_export_metadata(exported).arch == FASTER
+    eager = Predictor.load(checkpoint, precision="fp32").model
+    tensors = [_tensor(image) for image in images]
+    with torch.inference_mode():
+        _, found = scripted(tensors)
+        expected = eager(tensors)
+    for a, b in zip(expected, found, strict=True):
+        assert a.keys() == b.keys() and len(a["scores"]) > 10
+        for key in a:
+            torch.testing.assert_close(b[key], a[key])
+
+
+def test_exporting_a_registered_model_registers_a_linked_version(
+    shared_data: Path, checkpoints: Callable[[str, list[Image.Image]], Path], tmp_path: Path
+) -> None:
+    store = open_store()  # the per-test store of conftest's DETFORGE_WORKDIR, also the CLI's
+    images = balloon_images(shared_data, count=1)
+    source = _register_checkpoint(checkpoints(FASTER, images), "balloon", store)
+    app = typer.Typer(cls=DetforgeGroup)
+    app.command("export")(export_cmd)
+    app.command("unused")(lambda: None)  # two commands: `export` stays a subcommand, as in `detforge export`
+
+    out = tmp_path / "balloon.onnx"
+    result = CliRunner().invoke(app, ["export", "model:balloon", "--out", str(out), "--score-threshold", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert "Registered model:balloon-onnx:v1 (exported from model:balloon:v1)" in result.output
+
+    version = registry.get_model_version("model:balloon-onnx:v1", store=store)
+    assert version.tags["detforge.source_model"] == source == "model:balloon:v1"
+    assert version.tags["detforge.format"] == "onnx"
+    graph = build_lineage("model:balloon-onnx:v1", store=store)
+    assert ("model:balloon:v1", "model:balloon-onnx:v1", "exported (onnx)") in graph.edges
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    metadata = ExportMetadata.from_props(props, where=str(out))
+    assert (metadata.class_names, metadata.arch, metadata.source) == (["balloon"], FASTER, "model:balloon:v1")
+    assert metadata.score_threshold == 0.1
+    from_registry = OnnxPredictor.load("model:balloon-onnx:v1", score_threshold=0.1, threads=1)
+    assert from_registry.class_names == ["balloon"]
+    assert all((d.scores >= 0.1).all() for d in from_registry.predict(images))
+
+    missing = CliRunner().invoke(app, ["export", "model:nothing", "--out", str(tmp_path / "x.onnx")])
+    assert missing.exit_code == 2
+    assert "TrackingError: 'model:nothing': no registered model 'nothing'" in missing.output
+    assert "(models: balloon, balloon-onnx)" in missing.output
+
+
+def _register_checkpoint(path: Path, name: str, store: Store) -> str:
+    client = store.client()
+    run_id = client.create_run(store.experiment_id("detforge-test")).info.run_id
+    client.log_artifact(run_id, str(path), "checkpoints")
+    number = registry.register_model_version(
+        client, name=name, run_id=run_id, artifact_path=f"checkpoints/{path.name}", key=f"{run_id}:final", tags={}
+    )
+    return f"model:{name}:v{number}"
+
+
+def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt: not a readable PyTorch checkpoint"):
+        export_model(garbage, tmp_path / "x.onnx")
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        export_model(tmp_path / "missing.pt", tmp_path / "x.onnx")
+    with pytest.raises(ConfigError, match="expected one of onnx, torchscript, found 'tflite'"):
+        export_model(garbage, tmp_path / "x.tflite", format="tflite")
+    assert not (tmp_path / "x.onnx").exists()
+
+    with pytest.raises(CheckpointError, match="ONNX model not found"):
+        OnnxPredictor.load(tmp_path / "missing.onnx")
+    with pytest.raises(CheckpointError, match="not an ONNX model ONNX Runtime can load"):
+        OnnxPredictor.load(garbage)
+    torch.save({"model": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="a PyTorch checkpoint, not an ONNX model. Export it first"):
+        OnnxPredictor.load(tmp_path / "checkpoint.pt")
+    foreign = tmp_path / "foreign.onnx"
+    torch.onnx.export(torch.nn.ReLU(), (torch.zeros(3, 4, 4),), str(foreign), dynamo=False, input_names=["image"])
+    with pytest.raises(CheckpointError, match="no detforge metadata"):
+        OnnxPredictor.load(foreign)
