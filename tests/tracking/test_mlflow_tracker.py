@@ -122,3 +122,19 @@ def test_tracking_none_touches_no_store(tiny_dataset: Path, tmp_path: Path, monk
     cfg["train"]["max_iter"], cfg["eval"]["period"] = 2, 0
     detforge.train(cfg)
     assert not (tmp_path / ".detforge").exists() and not (tmp_path / "run" / "tracking").exists()
+
+
+def test_registered_versions_are_servable_pyfunc_models(
+    tracked_run: tuple[Store, Path, str], module_tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from detforge.inference.pyfunc import encode_image
+
+    store, _, _ = tracked_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    model = mlflow.pyfunc.load_model("models:/tiny@best-bbox-AR100")  # what `mlflow models serve -m` loads
+    image = encode_image(module_tiny_dataset.parent / "images" / "img_01.png")
+    answer = model.predict(pd.DataFrame({"image": [image]}), params={"score_threshold": 0.0})
+    assert len(answer) == 1 and answer[0] and all({"label", "score", "box"} <= set(d) for d in answer[0])

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,21 +333,41 @@ class MlflowSender:
             path.unlink(missing_ok=True)
 
     def _send_register(self, op: Op) -> None:
+        """Log the checkpoint inside an MLflow pyfunc model folder (so the version can be served) and register it."""
         path = Path(op["path"])
-        artifact_file = f"{op['artifact_path']}/{path.name}"
+        folder = op["artifact_path"]
+        artifact_file = f"{folder}/artifacts/{path.name}"
         if path.is_file():
-            self.client.log_artifact(self.run_id, str(path), op["artifact_path"])
+            artifact_file = self._log_model_folder(path, folder)
         registry.register_model_version(
             self.client,
             name=op["name"],
             run_id=self.run_id,
             artifact_path=artifact_file,
+            source_path=folder if artifact_file != f"{folder}/{path.name}" else None,
             key=op["key"],
             tags=op["tags"],
             aliases=op["aliases"],
         )
         if op.get("delete_after"):
             path.unlink(missing_ok=True)
+
+    def _log_model_folder(self, checkpoint: Path, folder: str) -> str:
+        """Upload ``checkpoint`` as a pyfunc model at ``folder``; return the checkpoint's artifact path in it.
+
+        Falls back to the bare checkpoint file when the pyfunc folder cannot be written (the version then still
+        resolves as ``model:``, but is not servable by ``mlflow models serve``)."""
+        with tempfile.TemporaryDirectory(prefix="detforge_model_") as tmp:
+            try:
+                from detforge.inference.pyfunc import model_checkpoint_path, save_pyfunc_model
+
+                local = save_pyfunc_model(checkpoint, Path(tmp) / "model")
+            except Exception as exc:  # noqa: BLE001 - serving is a bonus; the checkpoint must still be registered
+                console.print(f"[yellow]tracking: {checkpoint.name} logged without a pyfunc model: {exc}")
+                self.client.log_artifact(self.run_id, str(checkpoint), folder)
+                return f"{folder}/{checkpoint.name}"
+            self.client.log_artifacts(self.run_id, str(local), folder)
+            return f"{folder}/{model_checkpoint_path(local).relative_to(local).as_posix()}"
 
     def _send_end(self, op: Op) -> None:
         self.client.set_terminated(self.run_id, status=op["status"])

@@ -175,11 +175,16 @@ def register_model_version(
     name: str,
     run_id: str,
     artifact_path: str,
+    source_path: str | None = None,
     key: str,
     tags: dict[str, str],
     aliases: Sequence[Mapping[str, Any]] = (),
 ) -> int:
     """Register the run artifact ``artifact_path`` as a version of ``name`` (idempotent per ``key``); return it.
+
+    ``artifact_path`` is the checkpoint file (what ``model:`` refs download); ``source_path`` the version's MLflow
+    source when it differs, e.g. the pyfunc model folder holding the checkpoint, so that
+    ``mlflow models serve -m models:/NAME@alias`` serves the version.
 
     The artifact must already be logged. A version with the same ``key`` tag is reused (its tags and aliases are
     updated), so a replayed operation never creates a duplicate. ``aliases`` are ``{"alias", "metric", "mode",
@@ -198,7 +203,7 @@ def register_model_version(
             if tag != TAG_SHA256:  # the version keeps the file it was created with
                 client.set_model_version_tag(name, number, tag, value)
     else:
-        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{source_path or artifact_path}"
         created = client.create_model_version(
             name, source, run_id=run_id, tags={**tags, TAG_KEY: key, TAG_ARTIFACT: artifact_path}
         )
