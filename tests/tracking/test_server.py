@@ -313,7 +313,7 @@ def test_team_server_on_postgresql_with_proxied_artifacts(
         cfg = tracked_config(tiny_dataset, out, server.uri, name="team", max_iter=max_iter, eval_period=0)
         detforge.train(cfg)
         assert_run_complete(server.uri, out, name="team", max_iter=max_iter, eval_steps={max_iter})
-        stored = list((tmp_path / "server" / "artifacts").glob("*/*/artifacts/checkpoints/*/*.pt"))
+        stored = list((tmp_path / "server" / "artifacts").glob("*/*/artifacts/checkpoints/*/**/*.pt"))
         assert stored, "the registered checkpoint is not in the server's artifact store"
     finally:
         server.kill()
