@@ -158,7 +158,7 @@ def test_logging_again_reads_hashes_from_the_index(
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"{path} was hashed again")
 
-    monkeypatch.setattr("detforge.tracking.datasets._file_sha256", no_hashing)
+    monkeypatch.setattr("detforge.tracking.datasets.sha256_file", no_hashing)
     assert log_dataset("tiny", tiny_dataset, store=store).ref == first.ref
 
 

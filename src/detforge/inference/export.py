@@ -23,7 +23,6 @@ experiment.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from detforge.errors import CheckpointError, ConfigError
-from detforge.files import atomic_write_bytes
+from detforge.files import atomic_write_bytes, sha256_file
 from detforge.inference.predictor import Predictor, load_checkpoint_metadata
 from detforge.models.build import get_spec
 from detforge.models.weights import resolve_weights
@@ -233,7 +232,7 @@ def register_export(
     """
     store = store or open_store()
     path = Path(path)
-    tags = {TAG_FORMAT: format, registry.TAG_SHA256: _sha256(path)}
+    tags = {TAG_FORMAT: format, registry.TAG_SHA256: sha256_file(path)}
     if registry.is_model_ref(source):
         version = registry.get_model_version(source, store=store)
         tags[TAG_SOURCE_MODEL] = version.ref
@@ -242,7 +241,7 @@ def register_export(
         raise ConfigError(f"{source}: not a model: reference; give the name to register the export under.")
     else:
         tags[TAG_SOURCE_MODEL] = _absolute_source(source)
-        tags[TAG_SOURCE_SHA256] = _sha256(resolve_weights(source))
+        tags[TAG_SOURCE_SHA256] = sha256_file(resolve_weights(source))
     client = store.client()
     try:
         run_tags = {**run_environment(), "detforge.kind": "export", **tags}
@@ -373,14 +372,6 @@ def _score_threshold(model: Any) -> float:
 
 def _absolute_source(source: str) -> str:
     return source if "://" in source else str(Path(source).expanduser().resolve())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _import_onnx() -> Any:

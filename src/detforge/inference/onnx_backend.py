@@ -84,7 +84,7 @@ class OnnxPredictor:
     def _predict_one(self, image: Any) -> Detections:
         array = np.ascontiguousarray(to_tensor(image).numpy(), dtype=np.float32)
         out = dict(zip(self.output_names, self.session.run(None, {"image": array}), strict=True))
-        keep = out["scores"] >= self.score_threshold
+        keep = (out["scores"] >= self.score_threshold) & (out["labels"] >= 1)  # 0 is background, never a class
         masks = out.get("masks")
         keypoints = out.get("keypoints")
         if keypoints is not None and "keypoints_scores" in out:

@@ -33,6 +33,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 
 from detforge.errors import CheckpointError, ConfigError
+from detforge.files import sha256_file
 from detforge.progress import track
 
 __all__ = [
@@ -84,8 +85,8 @@ def resolve_weights(ref: str | os.PathLike[str], *, sha256: str | None = None, c
         return _resolve_reference(scheme, text)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found. Give a path to a .pt/.pth file or an http(s) URL.")
-    if expected and not _sha256_file(path).startswith(expected):
-        raise CheckpointError(f"{path}: sha256 {_sha256_file(path)[:16]}… does not match the expected {expected}.")
+    if expected and not sha256_file(path).startswith(expected):
+        raise CheckpointError(f"{path}: sha256 {sha256_file(path)[:16]}… does not match the expected {expected}.")
     return path
 
 
@@ -124,7 +125,7 @@ def _cache_name(url: str) -> str:
 def _cached_download(url: str, expected: str | None, cache_dir: Path) -> Path:
     path = cache_dir / _cache_name(url)
     if path.is_file():
-        if expected is None or _sha256_file(path).startswith(expected):
+        if expected is None or sha256_file(path).startswith(expected):
             return path
         path.unlink()  # a stale or corrupted cache entry: fetch it again, and check that copy
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -175,14 +176,6 @@ def _download_to(url: str, out: IO[bytes]) -> str:
 def _read_chunks(response: Any) -> Iterator[bytes]:
     while chunk := response.read(_CHUNK):
         yield chunk
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def torchvision_weight_url(arch: str, name: str) -> str:

@@ -40,6 +40,7 @@ from detforge.data.formats.coco import decode_coco, encode_coco, load_coco, save
 from detforge.data.records import UNSET, Annotation, Dataset
 from detforge.data.validate import validate_dataset
 from detforge.errors import DatasetError
+from detforge.files import sha256_file
 from detforge.progress import track
 from detforge.tracking.store import DATASETS_EXPERIMENT, Store, TrackingError, open_store
 
@@ -274,11 +275,6 @@ def _canonical(ann: Annotation, class_index: dict[int, int]) -> list[Any]:
     ]
 
 
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 @contextmanager
 def _hash_index(store: Store) -> Iterator[sqlite3.Connection]:
     """sha256 of local files keyed by (absolute path, size, mtime_ns), so logging again does not rehash."""
@@ -302,7 +298,7 @@ def _hash_images(ds: Dataset, store: Store, label: str) -> list[tuple[str, int]]
                     "select sha256 from hashes where path = ? and size = ? and mtime_ns = ?",
                     (str(path), stat.st_size, stat.st_mtime_ns),
                 ).fetchone()
-                sha = row[0] if row else _file_sha256(path)
+                sha = row[0] if row else sha256_file(path)
             except OSError:
                 missing.append(str(path))
                 continue
@@ -553,7 +549,7 @@ def _upload_blobs(
             blob, (path, sha) = item
             staged = Path(staging, posixpath.basename(blob))
             _link_or_copy(path, staged)
-            if _file_sha256(staged) != sha:  # the hash index trusts size and mtime; the store must not
+            if sha256_file(staged) != sha:  # the hash index trusts size and mtime; the store must not
                 raise DatasetError(f"{path} changed while it was being logged; log the dataset again.")
             client.log_artifact(blob_run, str(staged), posixpath.dirname(blob))
             staged.unlink()
@@ -635,7 +631,7 @@ def _verify_referenced(manifest: dict[str, Any], version: DatasetVersion) -> Non
     for entry in track(manifest["images"], f"Verifying {version.ref}"):
         path = root / entry["file_name"]
         try:
-            sha = _file_sha256(path)
+            sha = sha256_file(path)
         except OSError:
             problems.append(f"{path} (missing)")
             continue
@@ -658,7 +654,7 @@ def _materialise_images(store: Store, manifest: dict[str, Any], folder: Path, ve
         name = _local_name(entry["file_name"], entry["sha256"])
         names.append(name)
         path = images / name
-        if path.exists() and _file_sha256(path) == entry["sha256"]:
+        if path.exists() and sha256_file(path) == entry["sha256"]:
             continue
         todo.append((entry, path))
         if seen_before:
@@ -697,7 +693,7 @@ def _cached_blob(
     """The blob of ``entry`` in the local blob cache, downloaded (and checked) unless already there intact."""
     blob = entry["blob"]
     cached = store.cache_dir / blob
-    if cached.exists() and _file_sha256(cached) == entry["sha256"]:
+    if cached.exists() and sha256_file(cached) == entry["sha256"]:
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.cache_dir) as tmp:
@@ -707,7 +703,7 @@ def _cached_blob(
             raise TrackingError(
                 f"{version.ref}: image '{entry['file_name']}' ({blob}) cannot be fetched from the store: {exc}"
             ) from None
-        if _file_sha256(downloaded) != entry["sha256"]:
+        if sha256_file(downloaded) != entry["sha256"]:
             raise TrackingError(
                 f"{version.ref}: the stored bytes of image '{entry['file_name']}' ({blob}, run {blob_run}) do not "
                 "match its sha256; the store was changed after logging. Log the dataset again from its source."

@@ -11,7 +11,6 @@ version's ``detforge.evaluation`` tag.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 from detforge.config import Config
 from detforge.evaluation.coco import EvalResult
+from detforge.files import sha256_file
 from detforge.tracking.store import EVALUATIONS_EXPERIMENT, Store, TrackingError, open_store
 from detforge.tracking.tracker import flatten_config, run_environment
 
@@ -58,7 +58,7 @@ def record_evaluation(
     if dataset:
         tags[TAG_DATASET] = dataset
     if Path(model).is_file():
-        tags["detforge.weights_sha256"] = hashlib.sha256(Path(model).read_bytes()).hexdigest()
+        tags["detforge.weights_sha256"] = sha256_file(model)
     try:
         run = client.create_run(store.experiment_id(EVALUATIONS_EXPERIMENT), tags=tags)
     except Exception as exc:

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from detforge.config import config_to_yaml
 from detforge.engine.callbacks import StepOutput
-from detforge.files import atomic_write_bytes, atomic_write_text
+from detforge.files import atomic_write_bytes, atomic_write_text, sha256_file
 from detforge.tracking import registry
 from detforge.tracking.spool import Op, Spool, pending_count
 from detforge.tracking.store import Store, TrackingError, open_store
@@ -226,7 +226,7 @@ class MlflowTracker(Tracker):
 
     def _register(self, path: Path, iteration: int, *, aliases: list[dict[str, Any]], delete_after: bool) -> None:
         self.registered.add(iteration)
-        sha = registry._sha256(path)
+        sha = sha256_file(path)
         tags = {
             registry.TAG_ITERATION: str(iteration),
             registry.TAG_METRICS: json.dumps(self.last_metrics, sort_keys=True),

@@ -16,7 +16,6 @@ References, usable wherever weights are (``model.weights``, ``detforge eval``, `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detforge.engine.callbacks import better
+from detforge.files import sha256_file
 from detforge.models.weights import REFERENCE_RESOLVERS
 from detforge.tracking.store import Store, TrackingError, open_store
 from detforge.tracking.tracker import sanitise_alias
@@ -240,13 +240,13 @@ def resolve_model(ref: str, *, store: Store | None = None) -> Path:
     folder = store.cache_dir / "models" / version.name / f"v{version.version}"
     path = folder / Path(artifact).name
     expected = version.tags.get(TAG_SHA256)
-    if path.is_file() and (expected is None or _sha256(path) == expected):
+    if path.is_file() and (expected is None or sha256_file(path) == expected):
         return path
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))  # one per process: no races
     try:
         downloaded = Path(store.client().download_artifacts(version.run_id, artifact, str(tmp)))
-        if expected is not None and _sha256(downloaded) != expected:
+        if expected is not None and sha256_file(downloaded) != expected:
             raise TrackingError(
                 f"'{ref}': the stored checkpoint's sha256 differs from the one registered ({expected}); the store's "
                 "copy was changed after registration. Register the model again."
@@ -277,14 +277,6 @@ def _version(v: MlflowModelVersion, aliases: list[str]) -> ModelVersion:
 
 def _quote(text: str) -> str:
     return text.replace("'", "\\'")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resolve_for_weights(ref: str) -> Path:
