@@ -218,9 +218,14 @@ def test_detectron2_zoo_pkl_lands_on_every_parameter(
 
     state, report = convert_detectron_state_dict(read_detectron_file(path), source=str(path), fold_input=False)
 
-    assert set(state) == set(_model_keys(mask_model))  # no leftovers on either side
-    assert sorted(name for name, _ in report.ignored) == ["pixel_mean", "pixel_std"]
-    assert {src: dst for src, dst, _ in report.mapped} == target_of
+    inputs = {"transform.pixel_mean", "transform.pixel_std", "transform.channel_order"}  # for the variant
+    assert set(state) == set(_model_keys(mask_model)) | inputs  # no leftovers on either side
+    assert report.ignored == []  # pixel_mean/pixel_std went to the transform's buffers
+    mapped = {src: dst for src, dst, _ in report.mapped}
+    assert {s: d for s, d in mapped.items() if d not in inputs} == target_of
+    assert (mapped["pixel_mean"], mapped["pixel_std"]) == ("transform.pixel_mean", "transform.pixel_std")
+    assert state["transform.pixel_mean"].tolist() == pytest.approx([103.53, 116.28, 123.675])
+    assert state["transform.channel_order"].tolist() == [2, 1, 0]  # BGR: conv1 channel 0 reads blue
     assert report.num_outputs == 81
     for name, array in arrays.items():
         expected = torch.from_numpy(array)
@@ -231,8 +236,8 @@ def test_detectron2_zoo_pkl_lands_on_every_parameter(
         elif "mask_head.predictor" in name:
             expected = torch.cat([torch.zeros_like(expected[:1]), expected])
         assert torch.equal(state[target_of[name]], expected), name
-    fit = fit_state_dict(mask_model, state, source="converted")
-    assert not (fit.missing or fit.unexpected or fit.reinitialised)
+    fit = fit_state_dict(mask_model, state, source="converted")  # torchvision's arch: only the input is extra
+    assert not (fit.missing or fit.reinitialised) and set(fit.unexpected) == inputs
 
 
 def test_class_layout_keeps_the_scores_of_each_class(d2_state: tuple[dict[str, np.ndarray], dict[str, str]]) -> None:
@@ -300,6 +305,7 @@ def test_caffe2_imagenet_backbone_r50_pkl(tmp_path: Path) -> None:
     assert torch.equal(state["backbone.body.layer2.3.bn3.running_mean"], torch.zeros(512))
     assert torch.equal(state["backbone.body.layer2.3.bn3.running_var"], torch.ones(512))
     assert report.num_outputs is None and detectron.infer_arch(state) is None
+    assert not any(k.startswith("transform.") for k in state)  # a backbone alone: no input buffers
 
 
 def test_caffe2_end_to_end_mask_rcnn_keeps_background_first(tmp_path: Path, mask_model: torch.nn.Module) -> None:
@@ -313,7 +319,10 @@ def test_caffe2_end_to_end_mask_rcnn_keeps_background_first(tmp_path: Path, mask
     path = _write_pickle(tmp_path / "e2e_mask_rcnn.pkl", small, protocol=2)  # the file layout, on a small file
     assert read_detectron_file(path).keys() == {"fc7_w", "fc7_b"}
     state, report = convert_detectron_state_dict(blobs, source="e2e", fold_input=False)
-    assert set(state) == set(_model_keys(mask_model))
+    assert set(state) == set(_model_keys(mask_model)) | {
+        f"transform.{k}" for k in ("pixel_mean", "pixel_std", "channel_order")
+    }
+    assert state["transform.pixel_std"].tolist() == [1.0, 1.0, 1.0]  # Caffe2: BGR, std 1
     assert report.naming == "Detectron (Caffe2)" and report.num_outputs == 81
     for blob, tv in [("cls_score_w", "roi_heads.box_predictor.cls_score.weight"),
                      ("bbox_pred_w", "roi_heads.box_predictor.bbox_pred.weight"),
@@ -434,7 +443,7 @@ def test_convert_writes_a_checkpoint_the_predictor_loads(
 
     assert result.exit_code == 0, result.output
     assert "backbone.bottom_up.res4" in result.output and "backbone.body.layer3" in result.output
-    assert "maskrcnn_resnet50_fpn, 80 classes" in result.output
+    assert "maskrcnn_resnet50_fpn_detectron2, 80 classes" in result.output
     predictor = Predictor.load(out)
     assert predictor.class_names == coco_class_names()
     weights = predictor.model.state_dict()
@@ -443,44 +452,3 @@ def test_convert_writes_a_checkpoint_the_predictor_loads(
     conv1 = torch.from_numpy(arrays["backbone.bottom_up.stem.conv1.weight"])  # BGR, std 1 -> torchvision's input
     expected = conv1[:, [2, 1, 0]] * 255 * torch.tensor(detectron.TORCHVISION_STD_RGB).view(1, 3, 1, 1)
     torch.testing.assert_close(weights["backbone.body.conv1.weight"], expected)
-
-
-# ---- 6. Detectron2-compatible pieces ------------------------------------------------------------------------------
-
-
-def test_stride_in_1x1_subsamples_before_the_first_conv() -> None:
-    from torchvision.models.resnet import Bottleneck
-
-    from detforge.models.detectron_compat import use_stride_in_1x1
-
-    torch.manual_seed(0)
-    downsample = torch.nn.Sequential(torch.nn.Conv2d(256, 512, 1, stride=2, bias=False), torch.nn.BatchNorm2d(512))
-    block = Bottleneck(256, 128, stride=2, downsample=downsample).eval()
-    x = torch.randn(1, 256, 15, 13)
-    before = block(x).shape
-    assert use_stride_in_1x1(block) == 1
-    assert block(x).shape == before == (1, 512, 8, 7)
-    # Detectron2 (STRIDE_IN_1X1): the 1x1 conv sees every other pixel, the 3x3 conv keeps the size
-    expected = F.conv2d(x[:, :, ::2, ::2], block.conv1.weight)
-    torch.testing.assert_close(block.conv1(x), expected)
-    assert block.conv2.stride == (1, 1)
-
-
-def test_detectron2_frozen_batchnorm_matches_the_formula_and_replaces_torchvision_s() -> None:
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    from detforge.models.detectron_compat import Detectron2FrozenBatchNorm2d, use_detectron2_frozen_batchnorm
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8))
-    bn = model[1]
-    bn.weight.uniform_(0.5, 2)
-    bn.bias.normal_()
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(1e-4, 2)  # small variances: where eps placement matters most
-    stats = {k: getattr(bn, k).clone() for k in ("weight", "bias", "running_mean", "running_var")}
-    assert use_detectron2_frozen_batchnorm(model) == 1 and isinstance(model[1], Detectron2FrozenBatchNorm2d)
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
-    w, b, mean, var = (stats[k].double().view(1, -1, 1, 1) for k in ("weight", "bias", "running_mean", "running_var"))
-    expected = (x - mean) / torch.sqrt(var + 1e-5) * w + b
-    torch.testing.assert_close(model[1](x.float()), expected.float())

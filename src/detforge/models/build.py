@@ -36,6 +36,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detforge.config import ModelConfig
 from detforge.errors import CheckpointError, ConfigError
+from detforge.models import detectron2_compat as d2c
 from detforge.models.weights import WeightsReport, load_backbone_weights, load_weights
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "find_torchvision_weights", "get_spec", "is_torchvision_weight_name"]
@@ -152,6 +153,23 @@ MODELS: dict[str, ModelSpec] = {
         tvd.ssdlite320_mobilenet_v3_large, "detection", tvd.SSDLite320_MobileNet_V3_Large_Weights, _MBV3,
         "SSDlite, MobileNetV3-Large, fixed 320x320 input (COCO box AP 21.3); the fastest.", family="ssd",
         frozen_bn=False,
+    ),
+    # Detectron2-compatible variants (docs/detectron.md): for Detectron/Detectron2 weights, no torchvision weights
+    "fasterrcnn_resnet50_fpn_detectron2": ModelSpec(
+        d2c.fasterrcnn_resnet50_fpn_detectron2, "detection", None, None,
+        "Faster R-CNN R50-FPN computing as Detectron2's (for converted Detectron2 weights).",
+    ),
+    "maskrcnn_resnet50_fpn_detectron2": ModelSpec(
+        d2c.maskrcnn_resnet50_fpn_detectron2, "segmentation", None, None,
+        "Mask R-CNN R50-FPN computing as Detectron2's (for converted Detectron2 weights).",
+    ),
+    "fasterrcnn_resnet101_fpn_detectron2": ModelSpec(
+        d2c.fasterrcnn_resnet101_fpn_detectron2, "detection", None, None,
+        "Faster R-CNN R101-FPN computing as Detectron2's (for converted Detectron2 weights).",
+    ),
+    "maskrcnn_resnet101_fpn_detectron2": ModelSpec(
+        d2c.maskrcnn_resnet101_fpn_detectron2, "segmentation", None, None,
+        "Mask R-CNN R101-FPN computing as Detectron2's (for converted Detectron2 weights).",
     ),
 }  # fmt: skip
 
@@ -384,7 +402,10 @@ def _apply_anchors(model: Any, spec: ModelSpec, cfg: ModelConfig) -> list[str]:
     ratios = tuple(cfg.aspect_ratios) if cfg.aspect_ratios is not None else old.aspect_ratios[0]
     if not ratios or min(ratios) <= 0:
         raise ConfigError(f"model.aspect_ratios: expected positive ratios (height/width), found {cfg.aspect_ratios}.")
-    new = AnchorGenerator(sizes, (ratios,) * levels)
+    if isinstance(old, d2c.Detectron2AnchorGenerator):  # keep Detectron2's exact anchors and fixed strides
+        new: Any = d2c.Detectron2AnchorGenerator(sizes, (ratios,) * levels, strides=old.strides)
+    else:
+        new = AnchorGenerator(sizes, (ratios,) * levels)
     per_place = new.num_anchors_per_location()
     if len(set(per_place)) != 1:
         raise ConfigError(f"model.anchor_sizes: every level needs the same number of sizes, found {cfg.anchor_sizes}.")

@@ -230,6 +230,11 @@ def convert_detectron_state_dict(
         name, conv1 = renamed[_CONV1]
         renamed[_CONV1] = (name, fold_input_normalisation(conv1, input_format=fmt, pixel_std=std, source=source))
         notes[_CONV1] = f"input {fmt} 0-255 / std {tuple(round(s, 3) for s in std)} folded to torchvision's"
+    if report.num_outputs is not None:  # a whole detector: record the input its conv1 takes (the variant reads it)
+        inputs = _input_buffers(raw, folded=fold_input, input_format=input_format, pixel_std=pixel_std)
+        renamed |= {key: (src, tensor) for key, (src, tensor, _) in inputs.items()}
+        notes |= {key: note for key, (_, _, note) in inputs.items()}
+        report.ignored = [(name, reason) for name, reason in report.ignored if name not in ("pixel_mean", "pixel_std")]
     report.mapped = [(src, dst, notes.get(dst, "")) for dst, (src, _) in renamed.items()]
     return {dst: tensor for dst, (_, tensor) in renamed.items()}, report
 
@@ -321,15 +326,12 @@ def _input_statistics(
     fmt = input_format
     mean = raw.get("pixel_mean")
     if fmt is None and mean is not None:
-        values = np.asarray(mean, dtype=np.float64).reshape(-1)
-        if np.allclose(values, DETECTRON2_PIXEL_MEAN_BGR, atol=0.01):
-            fmt = "BGR"
-        elif np.allclose(values, DETECTRON2_PIXEL_MEAN_BGR[::-1], atol=0.01):
-            fmt = "RGB"
-        else:
+        fmt = _format_of_mean(mean)
+        if fmt is None:
             raise CheckpointError(
-                f"{source}: pixel_mean {values.round(3).tolist()} is not ImageNet's, so the input cannot be folded "
-                "into torchvision's normalisation; convert with fold_input=False (--no-fold-input)."
+                f"{source}: pixel_mean {np.asarray(mean).reshape(-1).round(3).tolist()} is not ImageNet's, so the "
+                "input cannot be folded into torchvision's normalisation; convert with fold_input=False "
+                "(--no-fold-input)."
             )
     fmt = (fmt or "BGR").upper()
     if fmt not in ("BGR", "RGB"):
@@ -337,6 +339,40 @@ def _input_statistics(
     if pixel_std is None and raw.get("pixel_std") is not None:
         pixel_std = tuple(float(s) for s in np.asarray(raw["pixel_std"], dtype=np.float64).reshape(-1))  # type: ignore[assignment]
     return fmt, tuple(pixel_std or DETECTRON2_PIXEL_STD_BGR)  # type: ignore[return-value]
+
+
+def _format_of_mean(mean: Any) -> str | None:
+    """ "BGR" or "RGB" for ImageNet's mean in 0..255 in that order, else None."""
+    values = np.asarray(mean, dtype=np.float64).reshape(-1)
+    if values.shape == (3,) and np.allclose(values, DETECTRON2_PIXEL_MEAN_BGR, atol=0.01):
+        return "BGR"
+    if values.shape == (3,) and np.allclose(values, DETECTRON2_PIXEL_MEAN_BGR[::-1], atol=0.01):
+        return "RGB"
+    return None
+
+
+def _input_buffers(
+    raw: Mapping[str, Any], *, folded: bool, input_format: str | None, pixel_std: tuple[float, float, float] | None
+) -> dict[str, tuple[str, torch.Tensor, str]]:
+    """The Detectron2-compatible variant's input buffers (``transform.pixel_mean``/``pixel_std``/``channel_order``,
+    0..255 units in conv1's channel order): torchvision's statistics when the input was folded into conv1, else
+    the file's (Detectron2's defaults: BGR, ImageNet mean, std 1). Values: (source name, tensor, note)."""
+    if folded:
+        mean = tuple(255.0 * m for m in TORCHVISION_MEAN_RGB)
+        std, order, note = tuple(255.0 * s for s in TORCHVISION_STD_RGB), (0, 1, 2), "conv1 folded: torchvision's"
+    else:
+        fmt = (input_format or (_format_of_mean(raw["pixel_mean"]) if "pixel_mean" in raw else None) or "BGR").upper()
+        file_mean = raw.get("pixel_mean")
+        default_mean = DETECTRON2_PIXEL_MEAN_BGR if fmt == "BGR" else DETECTRON2_PIXEL_MEAN_BGR[::-1]
+        mean = tuple(np.asarray(file_mean, np.float64).reshape(-1)) if file_mean is not None else default_mean
+        file_std = raw.get("pixel_std")
+        std = pixel_std or (tuple(np.asarray(file_std, np.float64).reshape(-1)) if file_std is not None else (1.0,) * 3)
+        order, note = ((2, 1, 0) if fmt == "BGR" else (0, 1, 2)), f"Detectron2's input: {fmt} 0-255"
+    return {
+        "transform.pixel_mean": ("pixel_mean", torch.tensor(mean, dtype=torch.float32), note),
+        "transform.pixel_std": ("pixel_std", torch.tensor(std, dtype=torch.float32), note),
+        "transform.channel_order": ("INPUT.FORMAT", torch.tensor(order, dtype=torch.int64), note),
+    }
 
 
 def fold_input_normalisation(
@@ -360,14 +396,21 @@ def fold_input_normalisation(
 # ---- detforge checkpoints -------------------------------------------------------------------------------------------
 
 
-def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The detforge architecture a converted state dict fits, or None (a backbone alone, or not ResNet-50)."""
+def infer_arch(state: Mapping[str, torch.Tensor], *, detectron2_compatible: bool = True) -> str | None:
+    """The detforge architecture a converted state dict fits, or None (a backbone alone, or another ResNet).
+
+    By default the Detectron2-compatible variant (``maskrcnn_resnet50_fpn_detectron2``…, which computes as
+    Detectron2); with ``detectron2_compatible=False`` torchvision's own architecture (R-50 only), which gives
+    close but not identical detections.
+    """
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.body\.layer3\.(\d+)\.", k))}
-    if len(blocks) != 6 or "roi_heads.box_predictor.cls_score.weight" not in state:
-        return None  # R-101 has 23 blocks in layer3: detforge has no R-101 FPN architecture yet
-    return (
-        "maskrcnn_resnet50_fpn" if "roi_heads.mask_predictor.conv5_mask.weight" in state else "fasterrcnn_resnet50_fpn"
-    )
+    depth = {6: 50, 23: 101}.get(len(blocks))
+    if depth is None or "roi_heads.box_predictor.cls_score.weight" not in state:
+        return None
+    head = "maskrcnn" if "roi_heads.mask_predictor.conv5_mask.weight" in state else "fasterrcnn"
+    if detectron2_compatible:
+        return f"{head}_resnet{depth}_fpn_detectron2"
+    return f"{head}_resnet50_fpn" if depth == 50 else None
 
 
 def default_class_names(num_outputs: int | None) -> list[str]:

@@ -4,7 +4,7 @@ Two steps, as Detectron2 itself loads Caffe2 files: :func:`caffe2_to_detectron2`
 (``res2_0_branch2a_w``, ``fpn_inner_res5_2_sum_w``, ``cls_score_w``…) into Detectron2 names, and
 :func:`detectron2_to_torchvision` turns Detectron2 names (``backbone.bottom_up.res2.0.conv1.weight``…) into the
 names of torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` (any ResNet depth: block indices are
-kept). Only names move here; the class layout of the predictors is changed by :func:`to_torchvision_class_layout`.
+kept). Only names move here; the class layout of the predictors is changed by the conversion (``detectron.py``).
 """
 
 from __future__ import annotations

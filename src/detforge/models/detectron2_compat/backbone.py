@@ -1,10 +1,8 @@
-"""Pieces of the "Detectron2-compatible" R-CNN variant: where Detectron2 computes differently from torchvision.
+"""Differences 1 and 2 of issue 7: Detectron2's ResNet (stride in the 1x1 conv, frozen BN as ``F.batch_norm``).
 
-Only two of the issue's ten differences are here so far, as model surgery on a torchvision R-CNN:
-:func:`use_stride_in_1x1` (difference 1, MSRA weights) and :func:`use_detectron2_frozen_batchnorm`
-(difference 2). The class layout (difference 5) is handled when converting weights (``detectron.py``). The
-other seven (anchors, aligned RoIAlign, mask pasting, box filters, RPN NMS on logits, input resizing, FPN level
-assignment) are not implemented; see docs/detectron.md.
+Both are model surgery on torchvision modules; :func:`build_detectron2_resnet_fpn` applies them to a
+torchvision ResNet-FPN backbone, which is otherwise the same computation as Detectron2's ``build_resnet_fpn_backbone``
+(stem, bottlenecks, lateral/output convs, nearest top-down upsampling, P6 = max-pool(kernel 1, stride 2) of P5).
 """
 
 from __future__ import annotations
@@ -12,10 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import models as tvm
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["Detectron2FrozenBatchNorm2d", "use_detectron2_frozen_batchnorm", "use_stride_in_1x1"]
+from detforge.errors import ConfigError
+
+__all__ = [
+    "Detectron2FrozenBatchNorm2d",
+    "build_detectron2_resnet_fpn",
+    "use_detectron2_frozen_batchnorm",
+    "use_stride_in_1x1",
+]
+
+_RESNETS = {50: tvm.resnet50, 101: tvm.resnet101}
 
 
 def use_stride_in_1x1(model: nn.Module) -> int:
@@ -37,7 +46,8 @@ class Detectron2FrozenBatchNorm2d(nn.Module):
     """Frozen BatchNorm computed as Detectron2 does: ``F.batch_norm`` in eval mode with ``eps`` 1e-5.
 
     torchvision's ``FrozenBatchNorm2d`` computes ``x * scale + shift`` with ``scale = w * rsqrt(var + eps)``;
-    the two differ by about 1e-6, which is enough to reorder near-tied proposals.
+    the two differ by about 1e-6, which is enough to reorder near-tied proposals. All four tensors are buffers:
+    nothing here trains, in training mode too (Detectron2's ``FrozenBN``).
     """
 
     weight: torch.Tensor
@@ -72,3 +82,20 @@ def use_detectron2_frozen_batchnorm(model: nn.Module) -> int:
                 setattr(parent, name, frozen)
                 replaced += 1
     return replaced
+
+
+def build_detectron2_resnet_fpn(depth: int, *, trainable_layers: int = 3) -> BackboneWithFPN:
+    """A ResNet-``depth`` FPN backbone (outputs "0".."3" = P2..P5, "pool" = P6, 256 channels) as Detectron2's.
+
+    ``trainable_layers`` counts stages from the top (3: res3..res5 train, as Detectron2's ``FREEZE_AT: 2``).
+    Weights start at torchvision's initialisation; BatchNorm statistics at identity.
+    """
+    if depth not in _RESNETS:
+        raise ConfigError(f"Detectron2-compatible ResNet: depth {depth} is not supported (expected 50 or 101).")
+    if not 0 <= trainable_layers <= 5:
+        raise ConfigError(f"model.trainable_backbone_layers: expected 0..5 for a ResNet, found {trainable_layers}.")
+    resnet = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
+    use_stride_in_1x1(resnet)
+    backbone = _resnet_fpn_extractor(resnet, trainable_layers)
+    use_detectron2_frozen_batchnorm(backbone)
+    return backbone
