@@ -378,6 +378,17 @@ def test_predictor_runs_the_variant_from_a_checkpoint(tmp_path: Path) -> None:
     assert np.array_equal(found.masks, (raw["masks"][:, 0] >= 0.5).numpy())
     assert (found.boxes[:, [0, 2]] <= 150).all() and (found.boxes[:, [1, 3]] <= 120).all()
 
+    # An explicit arch wins over the checkpoint's: the same weights in torchvision's own architecture.
+    plain = Predictor.load(tmp_path / "d2.pt", arch="maskrcnn_resnet50_fpn", score_threshold=0.0)
+    assert not isinstance(plain.model.transform, Detectron2Transform)
+    assert torch.equal(plain.model.backbone.body.conv1.weight, model.backbone.body.conv1.weight)
+    # No exported graph can hold the variant's PIL resize: export says so instead of exporting something else.
+    from detforge.inference.export import export_model
+
+    with pytest.raises(ConfigError, match="d2.pt: the Detectron2-compatible variant resizes images with PIL"):
+        export_model(tmp_path / "d2.pt", tmp_path / "d2.onnx")
+    assert not (tmp_path / "d2.onnx").exists()
+
 
 def test_converted_detectron2_weights_fill_the_variant_and_record_its_input() -> None:
     from test_detectron import _detectron2_state  # the random Detectron2-named arrays of test_detectron.py

@@ -165,6 +165,7 @@ def export_model(
     source, path = _resolve_source(os.fspath(ref))
     metadata = load_checkpoint_metadata(path)
     model = Predictor.load(path, score_threshold=0.0, precision="fp32", channels_last=False).model
+    _refuse_host_side_preprocessing(model, source)
     if score_threshold is not None:
         _set_score_threshold(model, score_threshold)
     info = _export_metadata(model, metadata, source=source, format=format)
@@ -359,6 +360,19 @@ def _resolve_source(text: str) -> tuple[str, Path]:
         exact = registry.get_model_version(text).ref  # pin an alias or "latest" to the version actually exported
         return exact, registry.resolve_model(exact)
     return text, resolve_weights(text)
+
+
+def _refuse_host_side_preprocessing(model: Any, source: str) -> None:
+    """The Detectron2-compatible variant resizes with PIL on the host (as Detectron2 does), which no exported
+    graph can hold: say so rather than export a graph that resizes differently."""
+    from detforge.models.detectron2_compat import Detectron2Transform
+
+    if isinstance(getattr(model, "transform", None), Detectron2Transform):
+        raise ConfigError(
+            f"{source}: the Detectron2-compatible variant resizes images with PIL (as Detectron2 does), which an "
+            "exported graph cannot hold; predict it in PyTorch, or convert the weights again for the torchvision "
+            "architecture and export that (docs/detectron.md)."
+        )
 
 
 def _set_score_threshold(model: Any, value: float) -> None:

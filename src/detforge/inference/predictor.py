@@ -245,7 +245,10 @@ def _rebuild(
 ) -> nn.Module:
     from detforge.config import ModelConfig
 
-    cfg = (model_cfg or ModelConfig(arch=arch)).model_copy(update={"weights": None, "backbone_weights": None})
+    # ``arch`` (given, or the checkpoint's) wins over the saved config's, e.g. a Detectron2 conversion loaded
+    # into the plain torchvision architecture.
+    base = model_cfg or ModelConfig(arch=arch)
+    cfg = base.model_copy(update={"arch": arch, "weights": None, "backbone_weights": None})
     min_size = list(config.data.min_size) if config is not None else [800]
     max_size = config.data.max_size if config is not None else 1333
     keypoints = metadata.get("keypoint_names") or []
