@@ -79,6 +79,16 @@ class ModelConfig(_Section):
     detections_per_image: int = Field(100, gt=0, description="Maximum detections returned per image.")
     anchor_sizes: list[list[int]] | None = Field(None, description="Anchor sizes per feature level.")
     aspect_ratios: list[float] | None = Field(None, description="Anchor aspect ratios (same at every level).")
+    box_batch_size_per_image: int | None = Field(
+        None, gt=0, description="R-CNN: RoIs sampled per image to train the box head (default 512; 64-128 is "
+        "much faster on CPU for images with few objects)."
+    )  # fmt: skip
+    rpn_pre_nms_top_n_train: int | None = Field(
+        None, gt=0, description="R-CNN: proposals per level kept before the RPN's NMS in training (default 2000)."
+    )
+    rpn_post_nms_top_n_train: int | None = Field(
+        None, gt=0, description="R-CNN: proposals per image kept after the RPN's NMS in training (default 2000)."
+    )
 
 
 class TrainConfig(_Section):

@@ -94,6 +94,18 @@ def test_config_reaches_the_model() -> None:
     assert ssd.transform.fixed_size == (320, 320)  # SSDlite ignores min_size/max_size
 
 
+@pytest.mark.parametrize("arch", ["maskrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn_detectron2"])
+def test_rcnn_sampling_reaches_the_model_and_other_families_refuse_it(arch: str) -> None:
+    sampling = {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300}
+    rcnn = _build(arch, **sampling)
+    assert rcnn.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert (rcnn.rpn._pre_nms_top_n["training"], rcnn.rpn._post_nms_top_n["training"]) == (600, 300)
+    default = _build(arch)
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512  # torchvision's and Detectron2's
+    with pytest.raises(ConfigError, match="model.box_batch_size_per_image: only R-CNN architectures.*'fcos"):
+        _build("fcos_resnet50_fpn", box_batch_size_per_image=64)
+
+
 def test_unknown_arch_suggests_the_closest() -> None:
     with pytest.raises(
         ConfigError,

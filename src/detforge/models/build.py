@@ -272,12 +272,21 @@ def _check_model_config(spec: ModelSpec, cfg: ModelConfig, *, num_classes: int, 
         )
     if spec.family == "ssd" and cfg.backbone_weights and not is_torchvision_weight_name(cfg.backbone_weights):
         raise ConfigError("model.backbone_weights: SSDlite takes only torchvision backbone names (IMAGENET1K_V1).")
+    given = [key for key in _RCNN_SAMPLING if getattr(cfg, key) is not None]
+    if given and spec.family != "rcnn":
+        raise ConfigError(
+            f"model.{given[0]}: only R-CNN architectures sample RoIs and proposals; '{cfg.arch}' is a "
+            f"{spec.family} model. Remove it."
+        )
     max_trainable = 6 if spec.backbone_weights is _MBV3 else 5
     if cfg.trainable_backbone_layers is not None and cfg.trainable_backbone_layers > max_trainable:
         raise ConfigError(
             f"model.trainable_backbone_layers: '{cfg.arch}' has {max_trainable} backbone stages, "
             f"found {cfg.trainable_backbone_layers}."
         )
+
+
+_RCNN_SAMPLING = ("box_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train")
 
 
 def _size_kwargs(spec: ModelSpec, min_size: Sequence[int], max_size: int) -> dict[str, Any]:
@@ -288,10 +297,12 @@ def _size_kwargs(spec: ModelSpec, min_size: Sequence[int], max_size: int) -> dic
 
 def _postprocess_kwargs(spec: ModelSpec, cfg: ModelConfig) -> dict[str, Any]:
     if spec.family == "rcnn":
+        sampling = {key: getattr(cfg, key) for key in _RCNN_SAMPLING if getattr(cfg, key) is not None}
         return {
             "box_score_thresh": cfg.score_threshold,
             "box_nms_thresh": cfg.nms_threshold,
             "box_detections_per_img": cfg.detections_per_image,
+            **sampling,
         }
     return {
         "score_thresh": cfg.score_threshold,

@@ -65,6 +65,9 @@ def build_detectron2_rcnn(
     box_score_thresh: float = 0.05,
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
+    box_batch_size_per_image: int = 512,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_train: int = 1000,
 ) -> GeneralizedRCNN:
     """A torchvision ``GeneralizedRCNN`` whose parts compute as Detectron2's R-CNN FPN (issue 7's ten differences).
 
@@ -85,10 +88,15 @@ def build_detectron2_rcnn(
     num_outputs = 91 if num_classes is None else num_classes
     backbone = build_detectron2_resnet_fpn(depth, trainable_layers=3 if trainable_backbone_layers is None
                                            else trainable_backbone_layers)  # fmt: skip
-    rpn = Detectron2RPN(Detectron2AnchorGenerator(), RPNHead(backbone.out_channels, 3))
+    rpn = Detectron2RPN(
+        Detectron2AnchorGenerator(), RPNHead(backbone.out_channels, 3),
+        pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": 1000},
+        post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": 1000},
+    )  # fmt: skip
     roi_heads = Detectron2RoIHeads(
         Detectron2RoIPooler(7), TwoMLPHead(backbone.out_channels * 7 * 7, 1024), FastRCNNPredictor(1024, num_outputs),
-        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25, bbox_reg_weights=None,
+        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=box_batch_size_per_image, positive_fraction=0.25,
+        bbox_reg_weights=None,
         score_thresh=box_score_thresh, nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
         **(_mask_parts(backbone.out_channels, num_outputs) if masks else {}),
     )  # fmt: skip
