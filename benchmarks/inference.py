@@ -12,7 +12,8 @@ For a Faster R-CNN MobileNet and a Mask R-CNN R50 it prints, in one run, the ima
 (eager fp32, bf16 autocast + channels-last, ONNX Runtime when ``detforge.inference.export`` and
 ``detforge.inference.onnx_backend`` exist), each as a ratio to eager fp32, and the box AP each path gets on
 the validation part of the synthetic shapes set. Goal: the fastest path at least 2x eager fp32 with a box AP
-within 0.5 points of it.
+within 0.5 points of it. It also says whether ``predict --backend auto`` (``detforge.inference.auto``) picks, for
+that architecture, the fastest path that keeps the AP; when it does not, ``ONNX_FASTER`` there needs updating.
 
 Then it streams a synthetic video (``--frames``, 10,000 by default, 160x120) through
 ``detforge.inference.run.predict`` in a fresh process and prints how much the RSS grows after the first 1,000
@@ -204,6 +205,7 @@ def print_reports(reports: Sequence[ModelReport], *, quick: bool) -> None:
     print()
     for report in reports:
         print(goal_line(report))
+        print(auto_line(report))
     if quick:
         print("(a --quick run: the models trained for a few iterations only, so their AP means nothing)")
 
@@ -222,6 +224,25 @@ def goal_line(report: ModelReport) -> str:
     met = ratio >= SPEEDUP_GOAL and abs(delta) <= AP_TOLERANCE
     accuracy = f"box AP {100 * delta:+.2f} points (goal within {100 * AP_TOLERANCE:.1f})"
     return f"{speed}, {accuracy}: {'MET' if met else 'NOT MET'}"
+
+
+def auto_line(report: ModelReport) -> str:
+    """Whether ``predict --backend auto`` (detforge.inference.auto) picks the fastest path that keeps the AP."""
+    from detforge.inference.auto import ONNX_FASTER
+    from detforge.inference.predictor import cpu_supports_bf16
+
+    base = report.paths[0]
+    if base.box_ap is None:
+        return f"auto ({report.arch}): no eager measurement to compare"
+    keeping = [
+        p for p in report.paths if p.images_per_s is not None and abs((p.box_ap or 0) - base.box_ap) <= AP_TOLERANCE
+    ]
+    best = max(keeping, key=lambda p: p.images_per_s or 0.0).name
+    eager = "bf16 + channels-last" if cpu_supports_bf16() else "eager fp32"
+    picked = "onnxruntime" if report.arch in ONNX_FASTER else eager
+    verdict = "agrees" if picked == best else "DISAGREES: update ONNX_FASTER in src/detforge/inference/auto.py"
+    kept = f"fastest within {100 * AP_TOLERANCE:.1f} AP points of eager fp32"
+    return f"auto ({report.arch}): picks {picked} for big jobs; {kept}: {best}: {verdict}"
 
 
 # ---------------------------------------------------------------------------------------------------------

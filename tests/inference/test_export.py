@@ -30,6 +30,7 @@ from detforge.errors import CheckpointError, ConfigError
 from detforge.inference.export import ExportMetadata, export_model, read_export_metadata
 from detforge.inference.onnx_backend import OnnxPredictor
 from detforge.inference.predictor import Detections, Predictor
+from detforge.inference.run import predict
 from detforge.models.build import build_model
 from detforge.tracking import registry
 from detforge.tracking.lineage import build_lineage
@@ -231,6 +232,11 @@ def test_exporting_a_registered_model_registers_a_linked_version(
     from_registry = OnnxPredictor.load("model:balloon-onnx:v1", score_threshold=0.1, threads=1)
     assert from_registry.class_names == ["balloon"]
     assert all((d.scores >= 0.1).all() for d in from_registry.predict(images))
+    # predict's default backend (auto) runs a registered ONNX export in ONNX Runtime, whatever the job's size
+    first_image = sorted((shared_data / "balloon" / "val").glob("*.jpg"))[0]
+    summary = predict("model:balloon-onnx", [first_image], tmp_path / "predicted", score_threshold=0.1)
+    assert "ONNX Runtime" in summary.model and "auto: the model is an ONNX export" in summary.model
+    assert summary.images == 1 and not summary.skipped
 
     missing = CliRunner().invoke(app, ["export", "model:nothing", "--out", str(tmp_path / "x.onnx")])
     assert missing.exit_code == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,44 +12,21 @@ import pytest
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
-import detforge
 from detforge.cli.main import app
 from detforge.data.formats.coco import load_coco
 from detforge.errors import ConfigError
 from detforge.inference.predictor import Predictor
 from detforge.inference.run import expand_inputs, predict
-from detforge.inference.video import VideoWriter, probe_video, read_frames
+from detforge.inference.video import probe_video, read_frames
 from detforge.tracking.store import TrackingError
 
+VideoFactory = Callable[[Path, int], Path]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, module_tiny_dataset: Path) -> Path:
-    """A 4-iteration Faster R-CNN MobileNet on the tiny dataset (final weights-only checkpoint with metadata)."""
-    out = tmp_path_factory.mktemp("trained")
-    cfg = {
-        "data": {"train": str(module_tiny_dataset), "min_size": [64], "max_size": 64, "num_workers": 0},
-        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "detections_per_image": 20},
-        "train": {"max_iter": 4, "batch_size": 2, "warmup_iters": 1, "checkpoint_period": 4},
-        "tracking": {"backend": "none"},
-        "output": {"dir": str(out)},
-    }
-    result = detforge.train(cfg)
-    assert result.final_checkpoint is not None
-    return result.final_checkpoint
-
-
-def synthetic_video(path: Path, frames: int, size: tuple[int, int] = (63, 81)) -> Path:
-    with VideoWriter(path, fps=12) as writer:
-        for i in range(frames):
-            frame = np.full((*size, 3), 30, np.uint8)
-            frame[10:40, i : i + 25] = (220, 40, 40)
-            writer.write(frame)
-    return path
-
-
-def test_inputs_expand_folders_globs_and_files(module_tiny_dataset: Path, tmp_path: Path) -> None:
+def test_inputs_expand_folders_globs_and_files(
+    module_tiny_dataset: Path, tmp_path: Path, synthetic_video: VideoFactory
+) -> None:
     images = module_tiny_dataset.parent / "images"
     video = synthetic_video(tmp_path / "clip.mp4", 3)
     found = expand_inputs([images, str(images / "img_0[12].png"), video])
@@ -86,7 +64,9 @@ def test_images_give_annotated_files_and_coco_results_and_a_bad_image_is_skipped
     np.testing.assert_allclose(sorted(r["score"] for r in on_first), sorted(first[0].scores), atol=1e-4)
 
 
-def test_a_video_gives_an_mp4_with_every_frame_and_json_lines(checkpoint: Path, tmp_path: Path) -> None:
+def test_a_video_gives_an_mp4_with_every_frame_and_json_lines(
+    checkpoint: Path, tmp_path: Path, synthetic_video: VideoFactory
+) -> None:
     video = synthetic_video(tmp_path / "clip.mp4", 14)
     summary = predict(checkpoint, [video], tmp_path / "out", score_threshold=0.0, batch_size=4, precision="fp32")
     written = tmp_path / "out" / "clip.mp4"
@@ -100,7 +80,7 @@ def test_a_video_gives_an_mp4_with_every_frame_and_json_lines(checkpoint: Path, 
 
 
 def test_a_truncated_video_is_named_and_the_rest_is_still_processed(
-    checkpoint: Path, module_tiny_dataset: Path, tmp_path: Path
+    checkpoint: Path, module_tiny_dataset: Path, tmp_path: Path, synthetic_video: VideoFactory
 ) -> None:
     good = synthetic_video(tmp_path / "good.mp4", 4)
     bad = tmp_path / "bad.mp4"

@@ -21,7 +21,13 @@ def predict_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Images or frames per forward pass.")] = 2,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 …")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast) or auto (bf16 where the CPU has it).")] = "auto",
-    backend: Annotated[str, typer.Option(help="torch, or onnxruntime (MODEL is then an exported .onnx).")] = "torch",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto (fastest for the job: ONNX Runtime on CPU from a cached export when it pays off), "
+            "torch, or onnxruntime (an exported .onnx, or MODEL exported once into the cache)."
+        ),
+    ] = "auto",
     no_images: Annotated[bool, typer.Option("--no-images", help="Write JSON only, no annotated images.")] = False,
 ) -> None:
     """Detect (and segment) objects in images and videos: annotated images/mp4 and JSON."""
@@ -32,7 +38,7 @@ def predict_cmd(
         precision=precision, backend=backend, save_images=not no_images,
     )  # fmt: skip
     for line in summary.lines():
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 def show_predictions_cmd(

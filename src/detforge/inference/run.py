@@ -34,7 +34,7 @@ from detforge.data.formats.coco import save_coco
 from detforge.data.images import is_image_file, load_image_rgb
 from detforge.data.records import Category, Dataset, Image
 from detforge.draw import draw_instances
-from detforge.errors import ConfigError, DatasetError
+from detforge.errors import CheckpointError, ConfigError, DatasetError
 from detforge.files import atomic_write_bytes
 from detforge.inference.predictor import Detections, Predictor, batched
 from detforge.inference.results import coco_results
@@ -68,11 +68,13 @@ class PredictSummary:
     skipped: list[str] = field(default_factory=list)  # "path: reason"
     results: Path | None = None
     seconds: float = 0.0
+    model: str = ""  # the model's describe(): source, backend, precision
 
     def lines(self) -> list[str]:
-        out = [
+        out = [f"model: {self.model}"] if self.model else []
+        out.append(
             f"{self.images} images, {self.frames} video frames, {self.detections} detections in {self.seconds:.1f} s"
-        ]
+        )
         if self.results is not None:
             out.append(f"results: {self.results}")
         out += [f"video: {v}" for v in self.videos]
@@ -133,18 +135,24 @@ def predict(
     batch_size: int = 2,
     device: str = "cpu",
     precision: str = "auto",
-    backend: str = "torch",
+    backend: str = "auto",
     save_images: bool = True,
 ) -> PredictSummary:
-    """Run ``model`` (a Predictor, or a path / URL / ``model:`` ref) over ``inputs``; see the module doc."""
+    """Run ``model`` (a Predictor, or a path / URL / ``model:`` ref) over ``inputs``; see the module doc.
+
+    ``backend``: ``torch``, ``onnxruntime`` (``model`` an exported ``.onnx``, or a checkpoint exported once into
+    the cache) or ``auto``: the fastest path for this job (see :mod:`detforge.inference.auto`).
+    """
     started = time.perf_counter()
     found = expand_inputs(inputs)
-    predictor = _load(model, score_threshold=score_threshold, device=device, precision=precision, backend=backend)
+    predictor = _load(
+        model, found, score_threshold=score_threshold, device=device, precision=precision, backend=backend
+    )
     keep = _class_filter(predictor.class_names, classes)
     out = Path(out_dir)
     _refuse_overwriting_inputs(found, out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = PredictSummary(out)
+    summary = PredictSummary(out, model=predictor.describe())
     if found.images:
         _predict_images(predictor, found.images, out, batch_size, keep, save_images, summary)
     for video, stem in _video_stems(found.videos).items():
@@ -153,17 +161,53 @@ def predict(
     return summary
 
 
-def _load(model: Model | str | os.PathLike[str], **options: Any) -> Model:
+def _load(model: Model | str | os.PathLike[str], found: Inputs, **options: Any) -> Model:
     if not isinstance(model, (str, os.PathLike)):
         return model
-    backend = options.pop("backend")
-    if backend == "onnxruntime":
-        from detforge.inference.onnx_backend import OnnxPredictor
+    text, backend, reason = os.fspath(model), options.pop("backend"), ""
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise ConfigError(f"backend: expected auto, torch or onnxruntime, found {backend!r}.")
+    if backend == "auto":
+        from detforge.inference.auto import choose_backend, pin_model_ref
 
-        return OnnxPredictor.load(os.fspath(model), score_threshold=options["score_threshold"])
-    if backend != "torch":
-        raise ConfigError(f"backend: expected torch or onnxruntime, found {backend!r}.")
-    return Predictor.load(model, **options)
+        text = pin_model_ref(text)
+        choice = choose_backend(text, device=options["device"], score_threshold=options["score_threshold"],
+                                images=len(found.images), videos=found.videos)  # fmt: skip
+        backend, reason = choice.backend, f"auto: {choice.reason}"
+    if backend == "onnxruntime":
+        try:
+            return _Described(_load_onnx(text, options["score_threshold"]), reason)
+        except CheckpointError as exc:
+            if not reason:  # asked for explicitly: the user should know it failed
+                raise
+            reason = f"auto: the ONNX export failed, so PyTorch runs it ({exc})"
+    return _Described(Predictor.load(text, **options), reason)
+
+
+def _load_onnx(text: str, score_threshold: float) -> Model:
+    """The ONNX Runtime model of ``text``: an ``.onnx`` file, or a checkpoint exported once into the cache."""
+    from detforge.inference.auto import cached_onnx_export, is_onnx_model
+    from detforge.inference.onnx_backend import OnnxPredictor
+
+    if is_onnx_model(text):
+        return OnnxPredictor.load(text, score_threshold=score_threshold)
+    loaded = OnnxPredictor.load(cached_onnx_export(text, score_threshold), score_threshold=score_threshold)
+    loaded.source = text  # describe() names the checkpoint, not its cache file
+    return loaded
+
+
+class _Described:
+    """A model whose :meth:`describe` also says why ``auto`` chose its backend."""
+
+    def __init__(self, model: Model, reason: str) -> None:
+        self.model, self.reason = model, reason
+        self.class_names = model.class_names
+
+    def predict(self, images: Sequence[Any]) -> list[Detections]:
+        return self.model.predict(images)
+
+    def describe(self) -> str:
+        return self.model.describe() + (f"; {self.reason}" if self.reason else "")
 
 
 def _class_filter(names: list[str], classes: Sequence[str] | None) -> np.ndarray | None:

@@ -1,0 +1,158 @@
+"""``backend="auto"``: predict on the fastest CPU path measured for the model's architecture.
+
+``benchmarks/inference.py`` measures, for an architecture, eager fp32, bf16 + channels-last and ONNX Runtime
+(speed and box AP). Where ONNX Runtime measured fastest with the same detections (matched boxes within 0.01 px,
+scores within 2e-4, hence the same AP) the architecture is in :data:`ONNX_FASTER`, and on a CPU ``auto`` runs
+such a checkpoint through ONNX Runtime, from an export cached per checkpoint content and export settings
+(``$DETFORGE_CACHE/onnx``, else ``~/.cache/detforge/onnx``), when
+
+- ``onnx`` and ``onnxruntime`` are installed (the ``onnx`` extra), and
+- the export is already cached, or the job holds at least :data:`MIN_ITEMS_TO_EXPORT` images and video frames:
+  a first export takes 10-60 s, which a handful of images would never win back.
+
+Otherwise (mask models, whose ONNX graph pastes every mask at full image size, measured slower), or when the
+export fails, it runs the model in PyTorch with ``precision`` as given (``auto``: bf16 on CPUs with native bf16).
+The decision and its reason go into the summary ``predict`` prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from detforge.errors import DetforgeError
+from detforge.files import sha256_file
+from detforge.inference.video import probe_video
+
+__all__ = [
+    "MIN_ITEMS_TO_EXPORT",
+    "BackendChoice",
+    "cached_onnx_export",
+    "choose_backend",
+    "onnx_cache_dir",
+    "pin_model_ref",
+]
+
+MIN_ITEMS_TO_EXPORT = 50
+EXPORT_OPSET = 17
+# Architectures on which benchmarks/inference.py measured ONNX Runtime fastest (README, "Measured figures").
+ONNX_FASTER = frozenset({"fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"})
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What ``auto`` picked (``torch`` or ``onnxruntime``) and why, in words for the summary."""
+
+    backend: str
+    reason: str
+
+
+def onnx_cache_dir() -> Path:
+    """``$DETFORGE_CACHE/onnx``, else ``$XDG_CACHE_HOME/detforge/onnx`` (``~/.cache/detforge/onnx``)."""
+    root = os.environ.get("DETFORGE_CACHE")
+    if root:
+        return Path(root).expanduser() / "onnx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "detforge" / "onnx"
+
+
+def choose_backend(
+    model: str, *, device: str, score_threshold: float, images: int, videos: list[Path]
+) -> BackendChoice:
+    """The backend ``auto`` runs ``model`` with for this job: ``images`` images and ``videos``.
+
+    ``model`` is a path, an http(s) URL or a pinned ``model:NAME:vN`` reference (see :func:`pin_model_ref`).
+    """
+    if is_onnx_model(model):
+        return BackendChoice("onnxruntime", "the model is an ONNX export")
+    if not device.startswith("cpu"):
+        return BackendChoice("torch", f"device {device}: ONNX Runtime is used on the CPU only")
+    if not _onnx_installed():
+        return BackendChoice("torch", "onnx/onnxruntime not installed (pip install 'detforge[onnx]' for ~2x on CPU)")
+    arch = _arch(model)
+    if arch not in ONNX_FASTER:
+        return BackendChoice("torch", f"ONNX Runtime was not measured faster than PyTorch for {arch or 'this model'}")
+    if _cached_export_path(model, score_threshold).is_file():
+        return BackendChoice("onnxruntime", "a cached ONNX export of this checkpoint exists")
+    items = images + sum(_frame_count(video) for video in videos)
+    if items < MIN_ITEMS_TO_EXPORT:
+        return BackendChoice(
+            "torch",
+            f"{items} images and frames, fewer than {MIN_ITEMS_TO_EXPORT}: a first ONNX export would cost more than "
+            "it saves (--backend onnxruntime to export and cache it anyway)",
+        )
+    return BackendChoice("onnxruntime", f"{items} images and frames: exporting to ONNX once pays off")
+
+
+def cached_onnx_export(model: str, score_threshold: float) -> Path:
+    """The ONNX export of ``model`` (as for :func:`choose_backend`) with ``score_threshold``, written into the
+    cache the first time.
+
+    Raises:
+        CheckpointError, ConfigError, TrackingError: as :func:`detforge.inference.export.export_model`.
+    """
+    from detforge.inference.export import export_model
+
+    path = _cached_export_path(model, score_threshold)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_model(model, path, format="onnx", opset=EXPORT_OPSET, score_threshold=score_threshold)
+    return path
+
+
+def is_onnx_model(model: str) -> bool:
+    """Whether ``model`` (a path, URL or pinned ``model:`` reference) is an exported ``.onnx`` file."""
+    return model.lower().endswith(".onnx") or _checkpoint_file(model).suffix.lower() == ".onnx"
+
+
+def _cached_export_path(model: str, score_threshold: float) -> Path:
+    """Where the export of ``model`` lives in the cache: named by the checkpoint's sha256 and the settings that
+    change the exported graph, so a new checkpoint (or a moved alias) never reuses a stale export."""
+    import torch
+
+    import detforge
+
+    digest = sha256_file(_checkpoint_file(model))[:20]
+    settings = f"s{score_threshold:g}-opset{EXPORT_OPSET}-torch{torch.__version__}-detforge{detforge.__version__}"
+    return onnx_cache_dir() / f"{digest}-{settings.replace('+', '_')}.onnx"
+
+
+def _checkpoint_file(model: str) -> Path:
+    from detforge.models.weights import resolve_weights
+    from detforge.tracking import registry
+
+    return registry.resolve_model(model) if registry.is_model_ref(model) else resolve_weights(model)
+
+
+def pin_model_ref(model: str) -> str:
+    """A ``model:`` reference pinned to its version (``@alias`` and ``latest`` resolved once, so the export and
+    its cache name come from the same version even if the alias moves meanwhile); other references unchanged."""
+    from detforge.tracking import registry
+
+    return registry.get_model_version(model).ref if registry.is_model_ref(model) else model
+
+
+def _arch(model: str) -> str | None:
+    """The architecture the checkpoint names (None for a plain state dict)."""
+    from detforge.inference.predictor import load_checkpoint_metadata
+
+    metadata = load_checkpoint_metadata(_checkpoint_file(model))
+    return metadata.get("arch") or (metadata.get("config") or {}).get("model", {}).get("arch")
+
+
+def _frame_count(video: Path) -> int:
+    """Frames the container says ``video`` holds (0 when it says nothing or cannot be read: not worth failing
+    over here, the video's own error comes when it is predicted)."""
+    try:
+        return probe_video(video).frames or 0
+    except DetforgeError:
+        return 0
+
+
+def _onnx_installed() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
