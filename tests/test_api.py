@@ -16,7 +16,7 @@ from detforge.config import ModelConfig
 from detforge.data.formats.coco import load_coco
 from detforge.data.loader import DetectionDataset, collate_detection
 from detforge.engine.checkpoint import load_checkpoint
-from detforge.errors import DatasetError
+from detforge.errors import CheckpointError, DatasetError
 from detforge.evaluation.coco import evaluate_coco
 from detforge.models.build import build_model
 
@@ -109,3 +109,18 @@ def test_a_mask_model_on_box_only_data_and_disagreeing_classes_are_clear_errors(
     other.write_text(json.dumps(data))
     with pytest.raises(DatasetError, match="differ from the training set"):
         detforge.train(config, [f"data.val={other}"])
+
+
+def test_resuming_with_another_architecture_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_dataset, tmp_path / "run", max_iter=2)
+    config["eval"]["period"] = 0
+    detforge.train(config)
+    longer = ["train.max_iter=4", "model.arch=fasterrcnn_mobilenet_v3_large_fpn"]
+    with pytest.raises(CheckpointError, match=r"model_0000002.pt: saved by a fasterrcnn_mobilenet_v3_large_320_fpn run"):
+        detforge.train(config, longer, resume=True)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "run" / "config.yaml"), *longer, "--resume"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "this config builds fasterrcnn_mobilenet_v3_large_fpn" in " ".join(result.output.split())
+    reshaped = ["train.max_iter=4", "model.aspect_ratios=[0.5,1.0,2.0,4.0]"]  # same arch, other RPN head shape
+    with pytest.raises(CheckpointError, match=r"does not fit the model or optimizer this config builds \(Error"):
+        detforge.train(config, reshaped, resume=True)

@@ -26,7 +26,7 @@ from detforge.engine.distributed import DistInfo, init_distributed, resolve_devi
 from detforge.engine.ema import ModelEma
 from detforge.engine.optim import build_optimizer, build_scheduler, scale_schedule
 from detforge.engine.trainer import Trainer
-from detforge.errors import ConfigError, DatasetError, TrainingError
+from detforge.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from detforge.evaluation.callback import EvalCallback, evaluate_model
 from detforge.evaluation.coco import EvalResult
 from detforge.evaluation.report import write_report
@@ -221,7 +221,7 @@ def train(
     )
     torch.manual_seed(cfg.train.seed + dist_info.rank)
     if resume:
-        _resume(trainer, out_dir, schedule.max_iter)
+        _resume(trainer, out_dir, schedule.max_iter, arch=cfg.model.arch)
     trainer.loader = build_train_loader(
         data.train,
         cfg.data,
@@ -322,7 +322,7 @@ def _report(cfg: Config, gt: Dataset, result: EvalResult, folder: Path, *, title
     )
 
 
-def _resume(trainer: Trainer, out_dir: Path, max_iter: int) -> None:
+def _resume(trainer: Trainer, out_dir: Path, max_iter: int, *, arch: str) -> None:
     path = find_resume_checkpoint(out_dir)
     if path is None:
         console.print(f"resume: no checkpoint in {out_dir}; starting from iteration 0.", highlight=False)
@@ -333,7 +333,20 @@ def _resume(trainer: Trainer, out_dir: Path, max_iter: int) -> None:
             f"{out_dir} already finished at iteration {state['iteration']} (max_iter {max_iter}). To train longer, "
             f"resume with a larger max_iter, e.g. `detforge train CONFIG train.max_iter={2 * max_iter} --resume`."
         )
-    trainer.load_state_dict(state)
+    saved = (state.get("metadata") or {}).get("arch")
+    if saved and saved != arch:
+        raise CheckpointError(
+            f"{path}: saved by a {saved} run, but this config builds {arch}. Resume with the run's own config "
+            f"(`detforge train {out_dir / 'config.yaml'} --resume`) or start a new output.dir."
+        )
+    try:
+        trainer.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:  # a model or optimizer of another shape
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: does not fit the model or optimizer this config builds ({first}). Resume with the run's own "
+            f"config (`detforge train {out_dir / 'config.yaml'} --resume`) or start a new output.dir."
+        ) from exc
     console.print(f"resume: continuing from {path.name} (iteration {trainer.iteration})", highlight=False)
 
 
