@@ -89,6 +89,13 @@ class ModelConfig(_Section):
     rpn_post_nms_top_n_train: int | None = Field(
         None, gt=0, description="R-CNN: proposals per image kept after the RPN's NMS in training (default 2000)."
     )
+    box_head_fc_dim: int | None = Field(
+        None, gt=0, description="R-CNN: width of the box head's two fully connected layers (default 1024)."
+    )
+    mask_head_conv_dim: int | None = Field(
+        None, gt=0, description="Mask R-CNN: channels of the mask head's convs (default 256; 128 is ~4x cheaper)."
+    )
+    mask_head_num_conv: int | None = Field(None, gt=0, description="Mask R-CNN: number of mask head convs (default 4).")
 
 
 class TrainConfig(_Section):

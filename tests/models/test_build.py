@@ -94,6 +94,34 @@ def test_config_reaches_the_model() -> None:
     assert ssd.transform.fixed_size == (320, 320)  # SSDlite ignores min_size/max_size
 
 
+def test_head_sizes_build_narrower_heads_that_train_and_predict() -> None:
+    torch.manual_seed(0)
+    sizes = {"box_head_fc_dim": 128, "mask_head_conv_dim": 64, "mask_head_num_conv": 2}
+    model = _build("maskrcnn_mobilenet_v3_large_fpn", detections_per_image=5, **sizes)
+    heads = model.roi_heads
+    assert (heads.box_head.fc6.out_features, heads.box_head.fc7.out_features) == (128, 128)
+    assert heads.box_predictor.cls_score.in_features == 128 and heads.box_predictor.cls_score.out_features == 3
+    convs = [m for m in heads.mask_head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(256, 64), (64, 64)]
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 3
+    _shrink_for_test(model)
+    model.train()
+    losses = model([torch.rand(3, 96, 128)], [_target()])
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    assert heads.mask_head[0][0].weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 96, 128)])
+    assert out["masks"].shape[1:] == (1, 96, 128)
+    v2 = _build("maskrcnn_resnet50_fpn_v2", mask_head_conv_dim=32)  # keeps the v2 head's BatchNorm
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in v2.roi_heads.mask_head.modules()) == 4
+    with pytest.raises(ConfigError, match="box_head_fc_dim: 'fasterrcnn_resnet50_fpn_v2' has FastRCNNConvFCHead"):
+        _build("fasterrcnn_resnet50_fpn_v2", box_head_fc_dim=256)
+    with pytest.raises(ConfigError, match="'fasterrcnn_mobilenet_v3_large_fpn' has no Mask R-CNN mask head"):
+        _build("fasterrcnn_mobilenet_v3_large_fpn", mask_head_conv_dim=64)
+
+
 @pytest.mark.parametrize("arch", ["maskrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn_detectron2"])
 def test_rcnn_sampling_reaches_the_model_and_other_families_refuse_it(arch: str) -> None:
     sampling = {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300}

@@ -37,6 +37,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from detforge.config import ModelConfig
 from detforge.errors import CheckpointError, ConfigError
 from detforge.models import detectron2_compat as d2c
+from detforge.models.heads import apply_head_sizes
 from detforge.models.weights import WeightsReport, load_backbone_weights, load_weights
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "find_torchvision_weights", "get_spec", "is_torchvision_weight_name"]
@@ -237,7 +238,7 @@ def build_model(
         enum = find_torchvision_weights(spec, cfg.arch, cfg.weights)
         model = _build_from_torchvision(spec, enum, cfg, kwargs)
         reinitialised = _swap_class_heads(model, num_classes=num_classes + 1, num_keypoints=num_keypoints)
-        reinitialised += _apply_anchors(model, spec, cfg)
+        reinitialised += _apply_anchors(model, spec, cfg) + apply_head_sizes(model, cfg)
         model.weights_report = _torchvision_report(model, enum, reinitialised)
         return model
     backbone_enum = None
@@ -250,6 +251,7 @@ def build_model(
         trainable_backbone_layers=trainable, **kwargs,
     )  # fmt: skip
     _apply_anchors(model, spec, cfg)
+    apply_head_sizes(model, cfg)
     model.weights_report = None
     if from_file:
         _freeze_like_pretrained(model, spec, cfg.trainable_backbone_layers)

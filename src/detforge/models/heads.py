@@ -1,0 +1,75 @@
+"""Smaller R-CNN RoI heads on request: ``model.box_head_fc_dim``, ``mask_head_conv_dim``, ``mask_head_num_conv``.
+
+These are Detectron2's ``ROI_BOX_HEAD.FC_DIM`` and ``ROI_MASK_HEAD.CONV_DIM`` / ``NUM_CONV``. torchvision's heads
+(two 1024-wide fully connected layers; four 256-channel 3x3 convs on 14x14 RoIs) cost most of a training step on a
+CPU when the backbone is small: on Mask R-CNN MobileNetV3-FPN at 320 px the mask head's convs alone are about
+460 MFLOP per positive RoI. Narrower heads are built from the same torchvision parts (``TwoMLPHead``,
+``MaskRCNNHeads``, ``FastRCNNPredictor``, ``MaskRCNNPredictor``), keeping the head's normalisation layers, and
+start from torchvision's initialisation; weights of other sizes for them are reported as reinitialised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+from detforge.config import ModelConfig
+from detforge.errors import ConfigError
+
+__all__ = ["apply_head_sizes"]
+
+
+def apply_head_sizes(model: Any, cfg: ModelConfig) -> list[str]:
+    """Replace the box and mask heads of an R-CNN ``model`` by ones of the configured sizes.
+
+    Returns:
+        The state-dict keys of the replaced layers (they start fresh).
+
+    Raises:
+        ConfigError: a size was given for a model without that head, or whose head is not torchvision's
+            ``TwoMLPHead`` / ``MaskRCNNHeads`` (e.g. the v2 models' convolutional box head).
+    """
+    replaced: list[str] = []
+    if cfg.box_head_fc_dim is not None:
+        replaced += _box_head(model, cfg.arch, cfg.box_head_fc_dim)
+    if cfg.mask_head_conv_dim is not None or cfg.mask_head_num_conv is not None:
+        replaced += _mask_head(model, cfg)
+    return replaced
+
+
+def _box_head(model: Any, arch: str, dim: int) -> list[str]:
+    heads = getattr(model, "roi_heads", None)
+    if heads is None or not isinstance(heads.box_head, TwoMLPHead):
+        kind = type(heads.box_head).__name__ if heads is not None else "no RoI heads"
+        raise ConfigError(
+            f"model.box_head_fc_dim: '{arch}' has {kind}, not the two fully connected layers it sizes; remove it."
+        )
+    in_features = heads.box_head.fc6.in_features
+    num_classes = heads.box_predictor.cls_score.out_features
+    heads.box_head = TwoMLPHead(in_features, dim)
+    heads.box_predictor = FastRCNNPredictor(dim, num_classes)
+    return _keys("roi_heads.box_head", heads.box_head) + _keys("roi_heads.box_predictor", heads.box_predictor)
+
+
+def _mask_head(model: Any, cfg: ModelConfig) -> list[str]:
+    heads = getattr(model, "roi_heads", None)
+    mask_head = getattr(heads, "mask_head", None)
+    if not isinstance(mask_head, MaskRCNNHeads):
+        raise ConfigError(
+            f"model.mask_head_conv_dim/mask_head_num_conv: '{cfg.arch}' has no Mask R-CNN mask head; remove them."
+        )
+    convs = [block[0] for block in mask_head]  # each block: Conv2dNormActivation(conv, [norm], relu)
+    dim = cfg.mask_head_conv_dim or convs[0].out_channels
+    count = cfg.mask_head_num_conv or len(convs)
+    norm = nn.BatchNorm2d if any(isinstance(m, nn.BatchNorm2d) for m in mask_head.modules()) else None  # v2: BN
+    num_classes = heads.mask_predictor.mask_fcn_logits.out_channels
+    heads.mask_head = MaskRCNNHeads(convs[0].in_channels, [dim] * count, 1, norm_layer=norm)
+    heads.mask_predictor = MaskRCNNPredictor(dim, dim, num_classes)
+    return _keys("roi_heads.mask_head", heads.mask_head) + _keys("roi_heads.mask_predictor", heads.mask_predictor)
+
+
+def _keys(prefix: str, module: nn.Module) -> list[str]:
+    return [f"{prefix}.{key}" for key in module.state_dict()]
