@@ -276,3 +276,26 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     torch.onnx.export(torch.nn.ReLU(), (torch.zeros(3, 4, 4),), str(foreign), dynamo=False, input_names=["image"])
     with pytest.raises(CheckpointError, match="no detforge metadata"):
         OnnxPredictor.load(foreign)
+
+
+def test_box_decoding_traced_on_no_boxes_holds_for_any_count() -> None:
+    """A trained model finds nothing on the noise trace image; the exported graph must still decode real boxes."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    from detforge.inference.export import _box_decoding_for_any_count
+
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+
+    def decode(codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return coder.decode(codes, [boxes])
+
+    empty = (torch.zeros(0, 16), torch.zeros(0, 4))
+    boxes = torch.rand(5, 4) * 10 + torch.tensor([0.0, 0.0, 10.0, 10.0])
+    codes = torch.randn(5, 16)
+    frozen = torch.jit.trace(decode, empty, check_trace=False)
+    assert frozen(codes, boxes).shape == (5, 16)  # torchvision's decode: the empty case is frozen into the graph
+    with _box_decoding_for_any_count():
+        traced = torch.jit.trace(decode, empty, check_trace=False)
+    assert BoxCoder.decode.__name__ == "decode" and "box_sum" in BoxCoder.decode.__code__.co_varnames  # restored
+    torch.testing.assert_close(traced(codes, boxes), coder.decode(codes, [boxes]))
+    assert traced(*empty).shape == (0, 4, 4)

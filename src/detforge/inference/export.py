@@ -28,12 +28,15 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torchvision.models.detection._utils import BoxCoder
 
 from detforge.errors import CheckpointError, ConfigError
 from detforge.files import atomic_write_bytes, sha256_file
@@ -288,7 +291,7 @@ def _onnx_bytes(model: nn.Module, info: ExportMetadata, opset: int) -> bytes:
         dynamic_axes["masks"] = {0: "detections", 2: "height", 3: "width"}
     # eval(): the exporter restores the wrapper's training flag afterwards, and a new Module starts in training.
     wrapper = _SingleImage(model, names).eval()
-    with tempfile.TemporaryDirectory(prefix="detforge-export-") as folder:
+    with tempfile.TemporaryDirectory(prefix="detforge-export-") as folder, _box_decoding_for_any_count():
         path = Path(folder) / "model.onnx"
         torch.onnx.export(
             wrapper, (_trace_image(model),), str(path), dynamo=False, opset_version=opset,
@@ -321,9 +324,33 @@ def _export_metadata(model: nn.Module, metadata: dict[str, Any], *, source: str,
     )
 
 
+@contextmanager
+def _box_decoding_for_any_count() -> Iterator[None]:
+    """While exporting, decode boxes without torchvision's ``if box_sum > 0`` branch.
+
+    ``BoxCoder.decode`` reshapes its output to ``(N, K, 4)`` only when there are boxes, a Python branch that the
+    tracer freezes. A trained model's RPN keeps no proposal on the noise trace image, so the graph was traced on
+    the empty case and kept ``(N, 4K)`` boxes: on real images ONNX Runtime then failed ("cannot reshape {137,15}
+    to {-1,4}"). This decode always reshapes, with ``N`` read from the tensor, so the graph holds for any count.
+    """
+    original = BoxCoder.decode
+
+    def decode(self: BoxCoder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        concat = torch.cat(boxes, dim=0)
+        decoded = self.decode_single(rel_codes.reshape(concat.shape[0], rel_codes.shape[-1]), concat)
+        return decoded.reshape(concat.shape[0], decoded.shape[-1] // 4, 4)
+
+    BoxCoder.decode = decode  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BoxCoder.decode = original  # type: ignore[method-assign]
+
+
 def _trace_image(model: Any) -> torch.Tensor:  # Any: torchvision's parts are dynamic attributes
-    """A fixed noise image at the model's eval size (4:3). The content is irrelevant: the graph keeps every
-    data-dependent branch (torchvision scripts them while tracing) and only H and W are dynamic."""
+    """A fixed noise image at the model's eval size (4:3). Only H and W are dynamic. torchvision scripts most
+    data-dependent branches while tracing; the one it does not (box decoding) is replaced during the export by
+    :func:`_box_decoding_for_any_count`, so a trace image on which the model finds nothing is fine."""
     height = int(model.transform.min_size[-1])
     generator = torch.Generator().manual_seed(0)
     return torch.rand(3, height, height * 4 // 3, generator=generator)
