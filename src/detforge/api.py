@@ -339,14 +339,16 @@ def _resume(trainer: Trainer, out_dir: Path, max_iter: int, *, arch: str) -> Non
             f"{path}: saved by a {saved} run, but this config builds {arch}. Resume with the run's own config "
             f"(`detforge train {out_dir / 'config.yaml'} --resume`) or start a new output.dir."
         )
-    try:
-        trainer.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as exc:  # a model or optimizer of another shape
+    try:  # the model and optimizer first: a config that builds another shape fails here, before anything changed
+        trainer.unwrapped_model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: does not fit the model or optimizer this config builds ({first}). Resume with the run's own "
             f"config (`detforge train {out_dir / 'config.yaml'} --resume`) or start a new output.dir."
         ) from exc
+    trainer.load_state_dict(state)
     console.print(f"resume: continuing from {path.name} (iteration {trainer.iteration})", highlight=False)
 
 

@@ -87,7 +87,10 @@ class ModelConfig(_Section):
         None, gt=0, description="R-CNN: proposals per level kept before the RPN's NMS in training (default 2000)."
     )
     rpn_post_nms_top_n_train: int | None = Field(
-        None, gt=0, description="R-CNN: proposals per image kept after the RPN's NMS in training (default 2000)."
+        None,
+        gt=0,
+        description="R-CNN: proposals per image kept after the RPN's NMS in training (default 2000; "
+        "1000 in the Detectron2 variants).",
     )
     box_head_fc_dim: int | None = Field(
         None, gt=0, description="R-CNN: width of the box head's two fully connected layers (default 1024)."

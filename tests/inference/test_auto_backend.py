@@ -17,16 +17,20 @@ from typer.testing import CliRunner
 from detforge.cli.main import app
 from detforge.errors import CheckpointError, ConfigError
 from detforge.inference import auto, export
-from detforge.inference.auto import MIN_ITEMS_TO_EXPORT, choose_backend
+from detforge.inference.auto import choose_backend
 from detforge.inference.run import predict
 
 VideoFactory = Callable[[Path, int], Path]
 runner = CliRunner()
 
 
+MIN_ITEMS_TO_EXPORT = 20  # auto's is 200: fewer frames keep the tests fast, the rule is the same
+
+
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DETFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto, "MIN_ITEMS_TO_EXPORT", MIN_ITEMS_TO_EXPORT)
     return tmp_path / "cache"
 
 
@@ -88,8 +92,8 @@ def test_small_jobs_missing_onnx_and_failed_exports_run_in_pytorch(
     checkpoint: Path, tmp_path: Path, synthetic_video: VideoFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     small = synthetic_video(tmp_path / "small.mp4", 3)
-    run = predict(checkpoint, [small], tmp_path / "small", precision="fp32")
-    assert "ONNX" not in run.model.split(";")[0] and "3 images and frames, fewer than" in run.model
+    run = predict(checkpoint, [small], tmp_path / "small")
+    assert "ONNX" not in run.model.split(";")[0] and "3 images and frames, fewer than 20" in run.model
 
     big = synthetic_video(tmp_path / "big.mp4", MIN_ITEMS_TO_EXPORT)
 
@@ -97,13 +101,18 @@ def test_small_jobs_missing_onnx_and_failed_exports_run_in_pytorch(
         raise CheckpointError("model.pt: onnx export of fasterrcnn failed (RuntimeError: boom).")
 
     monkeypatch.setattr(export, "export_model", failing_export)
-    run = predict(checkpoint, [big], tmp_path / "fallback", precision="fp32")
+    run = predict(checkpoint, [big], tmp_path / "fallback")
     assert run.frames == MIN_ITEMS_TO_EXPORT and "ONNX export failed, so PyTorch runs it" in run.model
     assert "boom" in run.model
     with pytest.raises(CheckpointError, match="boom"):  # asked for by name: the failure is the user's to see
         predict(checkpoint, [big], tmp_path / "forced", backend="onnxruntime")
 
-    monkeypatch.setattr(auto, "_arch", lambda model: "maskrcnn_mobilenet_v3_large_fpn")  # ONNX measured slower
+    explicit = predict(checkpoint, [big], tmp_path / "fp32", precision="fp32")  # asked for PyTorch's fp32
+    assert "(fp32" in explicit.model and "--precision fp32 asked for PyTorch's fp32" in explicit.model
+    low = choose_backend(str(checkpoint), device="cpu", score_threshold=0.01, images=500, videos=[])
+    assert low.backend == "torch" and "below 0.05" in low.reason
+
+    monkeypatch.setattr(auto, "_arch", lambda model: "maskrcnn_mobilenet_v3_large_fpn")  # not measured faster
     choice = choose_backend(str(checkpoint), device="cpu", score_threshold=0.5, images=500, videos=[])
     assert choice.backend == "torch" and "not measured faster than PyTorch for maskrcnn_mobilenet" in choice.reason
 

@@ -27,6 +27,7 @@ from detforge.cli.main import DetforgeGroup
 from detforge.config import Config
 from detforge.engine.checkpoint import save_checkpoint
 from detforge.errors import CheckpointError, ConfigError
+from detforge.inference import export as export_module
 from detforge.inference.export import ExportMetadata, export_model, read_export_metadata
 from detforge.inference.onnx_backend import OnnxPredictor
 from detforge.inference.predictor import Detections, Predictor
@@ -162,11 +163,24 @@ def assert_same_detections(eager: Detections, other: Detections) -> None:
 
 @pytest.mark.parametrize("arch", [FASTER, MASK])
 def test_onnx_runtime_predicts_what_pytorch_predicts(
-    arch: str, shared_data: Path, checkpoints: Callable[[str, list[Image.Image]], Path], tmp_path: Path
+    arch: str,
+    shared_data: Path,
+    checkpoints: Callable[[str, list[Image.Image]], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     images = balloon_images(shared_data, IMAGES[arch])
     checkpoint = checkpoints(arch, images)
+    entered = []
+    patch = export_module._box_decoding_for_any_count
+
+    def spy() -> Any:
+        entered.append(True)
+        return patch()
+
+    monkeypatch.setattr(export_module, "_box_decoding_for_any_count", spy)
     exported = export_model(checkpoint, tmp_path / "model.onnx")
+    assert entered, "the export traced torchvision's own box decoding (see the test below)"
     assert not [p for p in tmp_path.iterdir() if p.name != "model.onnx"], "the temporary file was renamed"
 
     eager = Predictor.load(checkpoint, score_threshold=SCORE_THRESHOLD, precision="fp32")

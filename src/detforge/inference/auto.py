@@ -8,10 +8,11 @@ such a checkpoint through ONNX Runtime, from an export cached per checkpoint con
 
 - ``onnx`` and ``onnxruntime`` are installed (the ``onnx`` extra), and
 - the export is already cached, or the job holds at least :data:`MIN_ITEMS_TO_EXPORT` images and video frames:
-  a first export takes 10-60 s, which a handful of images would never win back.
+  a first export took 2-5 s for Faster R-CNN MobileNetV3-FPN, and ONNX Runtime saved 13-17 ms an image at 320 px
+  (more on larger inputs), so it pays off after a few hundred small images.
 
-Otherwise (mask models, whose ONNX graph pastes every mask at full image size, measured slower), or when the
-export fails, it runs the model in PyTorch with ``precision`` as given (``auto``: bf16 on CPUs with native bf16).
+Otherwise (architectures not measured, or measured slower), or when the export fails, it runs the model in
+PyTorch with ``precision`` as given (``auto``: bf16 on CPUs with native bf16).
 The decision and its reason go into the summary ``predict`` prints.
 """
 
@@ -34,10 +35,19 @@ __all__ = [
     "pin_model_ref",
 ]
 
-MIN_ITEMS_TO_EXPORT = 50
+MIN_ITEMS_TO_EXPORT = 200
 EXPORT_OPSET = 17
-# Architectures on which benchmarks/inference.py measured ONNX Runtime fastest (README, "Measured figures").
+# Architectures on which benchmarks/inference.py measured ONNX Runtime fastest with the same box AP (README,
+# "Performance"): a trained Faster R-CNN MobileNetV3-FPN at 320 px ran 1.67x eager fp32 (bf16 + channels-last
+# 1.12x). The 320 model is the same network on smaller inputs. Mask models stay out: Mask R-CNN MobileNetV3-FPN
+# ran 1.42x at 320 px trained, but 0.7-0.8x at 512 px with many detections (its graph pastes every mask at full
+# image size), and its default input size is 800 px.
 ONNX_FASTER = frozenset({"fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"})
+# Below this score threshold ONNX Runtime's NMS sees far more boxes and ran 2-4x slower than eager (FIELD_NOTES);
+# the benchmark measured at 0.05.
+MIN_ONNX_SCORE_THRESHOLD = 0.05
+# Bumped whenever the export code changes what it writes, so older cached exports are never reused.
+EXPORT_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ def onnx_cache_dir() -> Path:
 
 
 def choose_backend(
-    model: str, *, device: str, score_threshold: float, images: int, videos: list[Path]
+    model: str, *, device: str, score_threshold: float, images: int, videos: list[Path], precision: str = "auto"
 ) -> BackendChoice:
     """The backend ``auto`` runs ``model`` with for this job: ``images`` images and ``videos``.
 
@@ -67,6 +77,14 @@ def choose_backend(
         return BackendChoice("onnxruntime", "the model is an ONNX export")
     if not device.startswith("cpu"):
         return BackendChoice("torch", f"device {device}: ONNX Runtime is used on the CPU only")
+    if precision != "auto":
+        return BackendChoice("torch", f"--precision {precision} asked for PyTorch's {precision}")
+    if score_threshold < MIN_ONNX_SCORE_THRESHOLD:
+        return BackendChoice(
+            "torch",
+            f"score threshold {score_threshold:g} is below {MIN_ONNX_SCORE_THRESHOLD:g}, where ONNX Runtime's NMS "
+            "is slower than PyTorch",
+        )
     if not _onnx_installed():
         return BackendChoice("torch", "onnx/onnxruntime not installed (pip install 'detforge[onnx]' for ~2x on CPU)")
     arch = _arch(model)
@@ -109,11 +127,13 @@ def _cached_export_path(model: str, score_threshold: float) -> Path:
     """Where the export of ``model`` lives in the cache: named by the checkpoint's sha256 and the settings that
     change the exported graph, so a new checkpoint (or a moved alias) never reuses a stale export."""
     import torch
+    import torchvision
 
     import detforge
 
     digest = sha256_file(_checkpoint_file(model))[:20]
-    settings = f"s{score_threshold:g}-opset{EXPORT_OPSET}-torch{torch.__version__}-detforge{detforge.__version__}"
+    versions = f"torch{torch.__version__}-tv{torchvision.__version__}-detforge{detforge.__version__}"
+    settings = f"s{score_threshold:g}-opset{EXPORT_OPSET}-f{EXPORT_FORMAT_VERSION}-{versions}"
     return onnx_cache_dir() / f"{digest}-{settings.replace('+', '_')}.onnx"
 
 

@@ -83,7 +83,16 @@ class OnnxPredictor:
 
     def _predict_one(self, image: Any) -> Detections:
         array = np.ascontiguousarray(to_tensor(image).numpy(), dtype=np.float32)
-        out = dict(zip(self.output_names, self.session.run(None, {"image": array}), strict=True))
+        try:
+            outputs = self.session.run(None, {"image": array})
+        except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{self.source or 'ONNX model'}: ONNX Runtime failed on an image of {array.shape[2]}x{array.shape[1]} "
+                f"px ({type(exc).__name__}: {first}). Export it again with this detforge "
+                "(`detforge export MODEL --out FILE`), or predict with --backend torch."
+            ) from None
+        out = dict(zip(self.output_names, outputs, strict=True))
         keep = (out["scores"] >= self.score_threshold) & (out["labels"] >= 1)  # 0 is background, never a class
         masks = out.get("masks")
         keypoints = out.get("keypoints")

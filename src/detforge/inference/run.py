@@ -145,12 +145,12 @@ def predict(
     """
     started = time.perf_counter()
     found = expand_inputs(inputs)
+    out = Path(out_dir)
+    _refuse_overwriting_inputs(found, out)  # before loading: an export or a download would be wasted
     predictor = _load(
         model, found, score_threshold=score_threshold, device=device, precision=precision, backend=backend
     )
     keep = _class_filter(predictor.class_names, classes)
-    out = Path(out_dir)
-    _refuse_overwriting_inputs(found, out)
     out.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(out, model=predictor.describe())
     if found.images:
@@ -164,15 +164,16 @@ def predict(
 def _load(model: Model | str | os.PathLike[str], found: Inputs, **options: Any) -> Model:
     if not isinstance(model, (str, os.PathLike)):
         return model
-    text, backend, reason = os.fspath(model), options.pop("backend"), ""
+    from detforge.inference.auto import choose_backend, pin_model_ref
+
+    backend, reason = options.pop("backend"), ""
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"backend: expected auto, torch or onnxruntime, found {backend!r}.")
+    text = pin_model_ref(os.fspath(model))  # one version throughout, even if an alias moves meanwhile
     if backend == "auto":
-        from detforge.inference.auto import choose_backend, pin_model_ref
-
-        text = pin_model_ref(text)
         choice = choose_backend(text, device=options["device"], score_threshold=options["score_threshold"],
-                                images=len(found.images), videos=found.videos)  # fmt: skip
+                                images=len(found.images), videos=found.videos,
+                                precision=options["precision"])  # fmt: skip
         backend, reason = choice.backend, f"auto: {choice.reason}"
     if backend == "onnxruntime":
         try:
