@@ -116,7 +116,8 @@ def test_resuming_with_another_architecture_is_a_clear_error(tiny_dataset: Path,
     config["eval"]["period"] = 0
     detforge.train(config)
     longer = ["train.max_iter=4", "model.arch=fasterrcnn_mobilenet_v3_large_fpn"]
-    with pytest.raises(CheckpointError, match=r"model_0000002.pt: saved by a fasterrcnn_mobilenet_v3_large_320_fpn run"):
+    saved_by = r"model_0000002.pt: saved by a fasterrcnn_mobilenet_v3_large_320_fpn run"
+    with pytest.raises(CheckpointError, match=saved_by):
         detforge.train(config, longer, resume=True)
     result = CliRunner().invoke(app, ["train", str(tmp_path / "run" / "config.yaml"), *longer, "--resume"])
     assert result.exit_code != 0 and "Traceback" not in result.output

@@ -151,7 +151,8 @@ def _run(step: ReadmeStep) -> Ran:
         namespace: dict[str, Any] = {"SHRINK": SHRINK, "RCNN_SHRINK": RCNN_SHRINK, "__name__": "readme"}
         exec(compile(text, f"README.md:{step.line}", "exec"), namespace)
         return Ran("", namespace)
-    result = CliRunner().invoke(app, argv(text)[1:])
+    # A wide terminal: tables keep each cell on one line (at 80 columns "best-bbox-AP50" wraps inside its cell).
+    result = CliRunner().invoke(app, argv(text)[1:], env={"COLUMNS": "240"})
     assert result.exit_code == 0, f"{text}\n{result.output}\n{result.exception!r}"
     return Ran(result.output, {})
 

@@ -58,8 +58,8 @@ def convert_cmd(
     console.print(report.summary(), highlight=False)
     if meta["arch"] is None:
         console.print(
-            f"Wrote {out}: no detforge architecture fits it (a backbone alone, or not a ResNet-50/101 FPN R-CNN); use it as "
-            "model.backbone_weights or load its state dict yourself.",
+            f"Wrote {out}: no detforge architecture fits it (a backbone alone, or not a ResNet-50/101 FPN R-CNN); "
+            "use it as model.backbone_weights or load its state dict yourself.",
             highlight=False,
         )
     else:
