@@ -23,7 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import LevelMapper
 
 from detforge.config import Config, ModelConfig
-from detforge.errors import ConfigError
+from detforge.errors import CheckpointError, ConfigError
 from detforge.models import build_model
 from detforge.models.detectron import convert_detectron_state_dict, infer_arch
 from detforge.models.detectron2_compat import (
@@ -406,3 +406,12 @@ def test_converted_detectron2_weights_fill_the_variant_and_record_its_input() ->
         assert model.transform.pixel_mean.tolist() == pytest.approx(mean)
         assert model.transform.channel_order.tolist() == order
     assert infer_arch(state) == ARCH and infer_arch(state, detectron2_compatible=False) == "maskrcnn_resnet50_fpn"
+    # torchvision's own architecture normalises as torchvision does: the folded conversion fits it (the three input
+    # buffers are reported as unexpected), the unfolded one would silently get the wrong input and is refused.
+    plain = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81)
+    assert fit_state_dict(plain, state, source="d2").unexpected == [
+        "transform.pixel_mean", "transform.pixel_std", "transform.channel_order"
+    ]  # fmt: skip
+    unfolded, _ = convert_detectron_state_dict(arrays, source="d2", fold_input=False)
+    with pytest.raises(CheckpointError, match=r"d2: its conv1 takes Detectron2's input \(channels \[2, 1, 0\]"):
+        fit_state_dict(plain, unfolded, source="d2")

@@ -338,6 +338,10 @@ def fit_state_dict(
 ) -> WeightsReport:
     """The core of :func:`load_weights`: copy what fits, keep fresh heads whose shapes differ, report."""
     target = model.state_dict()
+    if prefix + "transform.channel_order" not in target:  # a torchvision model: normalises as torchvision does
+        from detforge.models.detectron2_compat import check_torchvision_input
+
+        check_torchvision_input(state, source=source)
     heads = shape_dependent_heads(model)
     report = WeightsReport(source=source)
     fitting: dict[str, torch.Tensor] = {}

@@ -35,7 +35,11 @@ from detforge.models.detectron2_compat.masks import paste_masks_detectron2
 from detforge.models.detectron2_compat.poolers import Detectron2RoIPooler, assign_fpn_levels
 from detforge.models.detectron2_compat.roi_heads import Detectron2RoIHeads
 from detforge.models.detectron2_compat.rpn import Detectron2RPN
-from detforge.models.detectron2_compat.transform import Detectron2Transform, detectron2_resized_size
+from detforge.models.detectron2_compat.transform import (
+    Detectron2Transform,
+    check_torchvision_input,
+    detectron2_resized_size,
+)
 
 __all__ = [
     "Detectron2AnchorGenerator",
@@ -44,6 +48,7 @@ __all__ = [
     "Detectron2RoIHeads",
     "Detectron2RoIPooler",
     "Detectron2Transform",
+    "check_torchvision_input",
     "assign_fpn_levels",
     "build_detectron2_rcnn",
     "build_detectron2_resnet_fpn",

@@ -18,7 +18,7 @@ a converted checkpoint whose input was folded into ``conv1`` (the default of ``d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,39 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
+from detforge.errors import CheckpointError
 from detforge.models.detectron2_compat.masks import paste_masks_detectron2
 from detforge.models.detectron2_compat.rpn import nonempty_boxes
 
-__all__ = ["TORCHVISION_INPUT", "Detectron2Transform", "detectron2_resized_size", "resize_like_detectron2"]
+__all__ = [
+    "TORCHVISION_INPUT",
+    "Detectron2Transform",
+    "check_torchvision_input",
+    "detectron2_resized_size",
+    "resize_like_detectron2",
+]
 
 # torchvision's ImageNet normalisation in 0..255 units, RGB: (mean, std, channel order)
 TORCHVISION_INPUT = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), (0, 1, 2))
+
+
+def check_torchvision_input(state: Mapping[str, torch.Tensor], *, source: str, prefix: str = "") -> None:
+    """Refuse a state dict whose ``transform.*`` buffers say its ``conv1`` takes another input than torchvision's
+    (a conversion with ``fold_input=False``), when it is loaded into a model that has no such buffers: that model
+    normalises as torchvision does, and its outputs would be silently wrong."""
+    keys = [prefix + f"transform.{name}" for name in ("pixel_mean", "pixel_std", "channel_order")]
+    if not all(key in state for key in keys):
+        return
+    mean, std, order = (state[key].double() for key in keys)
+    expected = [torch.tensor(values, dtype=torch.float64) for values in TORCHVISION_INPUT]
+    if all(torch.allclose(found, want, atol=1e-3) for found, want in zip((mean, std, order), expected, strict=True)):
+        return
+    raise CheckpointError(
+        f"{source}: its conv1 takes Detectron2's input (channels {order.long().tolist()} of RGB, mean "
+        f"{[round(v, 3) for v in mean.tolist()]}, std {[round(v, 3) for v in std.tolist()]}, 0-255), which this "
+        "torchvision architecture does not give it. Load it into the Detectron2-compatible arch "
+        "(model.arch=..._detectron2), or convert again with the input folded (the default of `detforge convert`)."
+    )
 
 
 def detectron2_resized_size(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
