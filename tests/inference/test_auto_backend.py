@@ -123,6 +123,8 @@ def test_small_jobs_missing_onnx_and_failed_exports_run_in_pytorch(
 
 def test_the_choice_follows_device_file_type_and_checkpoint_content(checkpoint: Path, tmp_path: Path) -> None:
     assert choose_backend("model.onnx", device="cpu", score_threshold=0.5, images=1, videos=[]).backend == "onnxruntime"
+    onnx_on_gpu = choose_backend("model.onnx", device="cuda", score_threshold=0.5, images=1, videos=[])
+    assert onnx_on_gpu.backend == "onnxruntime" and "ONNX Runtime runs here without cuda" in onnx_on_gpu.reason
     on_gpu = choose_backend(str(checkpoint), device="cuda:0", score_threshold=0.5, images=10_000, videos=[])
     assert on_gpu.backend == "torch" and "CPU only" in on_gpu.reason
     # The cache is keyed by content and threshold: a changed checkpoint or threshold never reuses an export.

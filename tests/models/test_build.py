@@ -118,8 +118,10 @@ def test_head_sizes_build_narrower_heads_that_train_and_predict() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in v2.roi_heads.mask_head.modules()) == 4
     with pytest.raises(ConfigError, match="box_head_fc_dim: 'fasterrcnn_resnet50_fpn_v2' has FastRCNNConvFCHead"):
         _build("fasterrcnn_resnet50_fpn_v2", box_head_fc_dim=256)
-    with pytest.raises(ConfigError, match="'fasterrcnn_mobilenet_v3_large_fpn' has no Mask R-CNN mask head"):
+    with pytest.raises(ConfigError, match="'fasterrcnn_mobilenet_v3_large_fpn' has no mask head"):
         _build("fasterrcnn_mobilenet_v3_large_fpn", mask_head_conv_dim=64)
+    with pytest.raises(ConfigError, match="model.box_head_fc_dim: only R-CNN architectures.*'retinanet"):
+        _build("retinanet_resnet50_fpn", box_head_fc_dim=64)
 
 
 @pytest.mark.parametrize("arch", ["maskrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn_detectron2"])

@@ -74,7 +74,8 @@ def choose_backend(
     ``model`` is a path, an http(s) URL or a pinned ``model:NAME:vN`` reference (see :func:`pin_model_ref`).
     """
     if is_onnx_model(model):
-        return BackendChoice("onnxruntime", "the model is an ONNX export")
+        where = "" if device.startswith("cpu") else f" (on the CPU: ONNX Runtime runs here without {device})"
+        return BackendChoice("onnxruntime", f"the model is an ONNX export{where}")
     if not device.startswith("cpu"):
         return BackendChoice("torch", f"device {device}: ONNX Runtime is used on the CPU only")
     if precision != "auto":

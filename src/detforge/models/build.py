@@ -274,10 +274,12 @@ def _check_model_config(spec: ModelSpec, cfg: ModelConfig, *, num_classes: int, 
         )
     if spec.family == "ssd" and cfg.backbone_weights and not is_torchvision_weight_name(cfg.backbone_weights):
         raise ConfigError("model.backbone_weights: SSDlite takes only torchvision backbone names (IMAGENET1K_V1).")
-    given = [key for key in _RCNN_SAMPLING if getattr(cfg, key) is not None]
+    given = [key for key in (*_RCNN_SAMPLING, "box_head_fc_dim") if getattr(cfg, key) is not None]
+    if (cfg.mask_head_conv_dim or cfg.mask_head_num_conv) and spec.task != "segmentation":  # before any download
+        raise ConfigError(f"model.mask_head_conv_dim/mask_head_num_conv: '{cfg.arch}' has no mask head; remove them.")
     if given and spec.family != "rcnn":
         raise ConfigError(
-            f"model.{given[0]}: only R-CNN architectures sample RoIs and proposals; '{cfg.arch}' is a "
+            f"model.{given[0]}: only R-CNN architectures have RoI heads and proposals; '{cfg.arch}' is a "
             f"{spec.family} model. Remove it."
         )
     max_trainable = 6 if spec.backbone_weights is _MBV3 else 5
