@@ -279,6 +279,14 @@ def test_any_yaml_content_gives_a_dataset_or_a_dataset_error_naming_the_yaml(tmp
         assert "data.yaml" in str(exc)
 
 
+def test_an_image_named_as_a_split_list_is_a_clear_error(tmp_path: Path) -> None:
+    """Found by the fuzz test above: the image's bytes were read as a list of paths with NUL bytes in them."""
+    _image(tmp_path / "images" / "x.jpg")
+    (tmp_path / "data.yaml").write_bytes(b"names: []\ntrain: images/x.jpg")
+    with pytest.raises(DatasetError, match=r"data.yaml: 'train' names .*x.jpg, which is not a text list of images"):
+        import_yolo(tmp_path)
+
+
 def test_export_names_train_and_val_for_ultralytics_and_reads_back_its_own_split_names(
     tiny_dataset: Path, tmp_path: Path
 ) -> None:

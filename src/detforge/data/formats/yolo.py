@@ -316,7 +316,7 @@ def _add_yaml_split(layout: _Layout, split: str, value: object, yaml_path: Path,
             files = _image_files(path)
             layout.label_dirs.append(_label_path(path))
         elif path.is_file():
-            files = _listed_images(path)
+            files = _listed_images(path, where=f"{yaml_path}: '{split}'")
         else:
             report.error(f"'{split}' folder not found", str(yaml_path), f"{item} -> {path}")
             continue
@@ -329,12 +329,17 @@ def _add_yaml_split(layout: _Layout, split: str, value: object, yaml_path: Path,
             layout.entries.append(_Entry(split, image, _label_path(image)))
 
 
-def _listed_images(path: Path) -> list[Path]:
+def _listed_images(path: Path, *, where: str) -> list[Path]:
     """The images a split .txt lists, one per line, relative to the list's folder (as in Ultralytics)."""
     try:
         lines = path.read_bytes().decode("utf-8-sig", errors="replace").splitlines()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror}).") from None
+    if any("\x00" in ln for ln in lines):  # e.g. an image named where a list of images belongs
+        raise DatasetError(
+            f"{where} names {path}, which is not a text list of images (it holds NUL bytes). Give a folder of images "
+            "or a .txt file with one image path a line."
+        )
     return [path.parent / ln.strip() for ln in lines if ln.strip()]
 
 
