@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import torch
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
@@ -120,3 +121,24 @@ def test_cli_predict_with_class_filter_then_show_predictions(
     stray = runner.invoke(app, ["show-predictions", str(out / "results.json"), "--dataset", str(out / "images.json"),
                                 "--out", str(tmp_path / "again")])  # fmt: skip
     assert stray.exit_code == 0, stray.output  # predict's own image list works as the dataset too
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_detections_from_outputs_is_the_same_for_torch_and_onnx_runtime_outputs(as_numpy: bool) -> None:
+    from detforge.inference.predictor import detections_from_outputs
+
+    out = {
+        "boxes": torch.tensor([[0.0, 1.0, 5.0, 6.0], [1.0, 1.0, 2.0, 2.0], [2.0, 2.0, 8.0, 9.0]]),
+        "scores": torch.tensor([0.9, 0.2, 0.8]),
+        "labels": torch.tensor([2, 1, 0]),  # the third is background: never a class
+        "masks": torch.full((3, 1, 4, 5), 0.7),
+        "keypoints": torch.zeros(3, 2, 3),
+        "keypoints_scores": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+    }
+    if as_numpy:
+        out = {key: value.numpy() for key, value in out.items()}
+    found = detections_from_outputs(out, ["circle", "square"], score_threshold=0.5)
+    assert found.labels.tolist() == [1] and found.scores.tolist() == pytest.approx([0.9])
+    assert found.boxes.tolist() == [[0.0, 1.0, 5.0, 6.0]] and found.boxes.dtype == np.float32
+    assert found.masks is not None and found.masks.shape == (1, 4, 5) and found.masks.all()
+    assert found.keypoints is not None and found.keypoints[0, :, 2].tolist() == [1.0, 2.0]

@@ -18,13 +18,12 @@ import torch
 
 from detforge.errors import CheckpointError, ConfigError
 from detforge.inference.export import ExportMetadata
-from detforge.inference.predictor import Detections, to_tensor
+from detforge.inference.predictor import Detections, detections_from_outputs, to_tensor
 from detforge.models.weights import resolve_weights
 from detforge.tracking import registry
 
 __all__ = ["OnnxPredictor"]
 
-MASK_THRESHOLD = 0.5
 _REQUIRED_OUTPUTS = ("boxes", "labels", "scores")
 
 
@@ -93,20 +92,7 @@ class OnnxPredictor:
                 "(`detforge export MODEL --out FILE`), or predict with --backend torch."
             ) from None
         out = dict(zip(self.output_names, outputs, strict=True))
-        keep = (out["scores"] >= self.score_threshold) & (out["labels"] >= 1)  # 0 is background, never a class
-        masks = out.get("masks")
-        keypoints = out.get("keypoints")
-        if keypoints is not None and "keypoints_scores" in out:
-            keypoints = keypoints.copy()
-            keypoints[..., 2] = out["keypoints_scores"]
-        return Detections(
-            boxes=out["boxes"][keep].astype(np.float32, copy=False),
-            scores=out["scores"][keep].astype(np.float32, copy=False),
-            labels=out["labels"][keep].astype(np.int64) - 1,  # torchvision's 0 is background
-            class_names=self.class_names,
-            masks=None if masks is None else masks[keep, 0] >= MASK_THRESHOLD,
-            keypoints=None if keypoints is None else keypoints[keep].astype(np.float32, copy=False),
-        )
+        return detections_from_outputs(out, self.class_names, self.score_threshold)
 
     def describe(self) -> str:
         options = self.session.get_session_options()

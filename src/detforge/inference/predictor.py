@@ -104,6 +104,41 @@ def load_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(obj.get("metadata") or {}) if isinstance(obj, dict) else {}
 
 
+MASK_THRESHOLD = 0.5
+
+
+def detections_from_outputs(out: Any, class_names: Sequence[str], score_threshold: float) -> Detections:
+    """:class:`Detections` from one image's model outputs: torch tensors (eager) or numpy arrays (ONNX Runtime).
+
+    Keeps scores at or above ``score_threshold`` and never label 0 (background; RetinaNet/FCOS can emit it with
+    random weights), turns torchvision's 1-based labels 0-based, thresholds soft masks at 0.5 and puts the
+    keypoint scores in the keypoints' third column. Rows are selected before conversion, so full-size masks of
+    dropped detections are never copied.
+    """
+    keep = (out["scores"] >= score_threshold) & (out["labels"] >= 1)
+    keypoints = _numpy(out["keypoints"][keep], np.float32) if "keypoints" in out else None
+    if keypoints is not None and "keypoints_scores" in out:
+        keypoints = keypoints.copy()
+        keypoints[..., 2] = _numpy(out["keypoints_scores"][keep], np.float32)
+    masks = out.get("masks")
+    return Detections(
+        boxes=_numpy(out["boxes"][keep], np.float32),
+        scores=_numpy(out["scores"][keep], np.float32),
+        labels=_numpy(out["labels"][keep], np.int64) - 1,
+        class_names=list(class_names),
+        masks=None if masks is None else _numpy(masks[keep][:, 0] >= MASK_THRESHOLD, np.bool_),
+        keypoints=keypoints,
+    )
+
+
+def _numpy(value: Any, dtype: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        value = value.float() if value.is_floating_point() else value  # numpy has no bf16
+        value = value.cpu().numpy()
+    return np.asarray(value).astype(dtype, copy=False)
+
+
 class Predictor:
     """A model in eval mode with its class names and inference settings.
 
@@ -197,24 +232,7 @@ class Predictor:
         # Channels-last weights make the convolutions run channels-last (the batched input follows them).
         tensors = [to_tensor(image).to(self.device) for image in images]
         outputs = self.model(tensors)
-        return [self._detections(out) for out in outputs]
-
-    def _detections(self, out: dict[str, torch.Tensor]) -> Detections:
-        # label 0 is background (RetinaNet/FCOS can emit it with random weights): never a class
-        keep = (out["scores"] >= self.score_threshold) & (out["labels"] >= 1)
-        masks = out.get("masks")
-        keypoints = out.get("keypoints")
-        if keypoints is not None and "keypoints_scores" in out:
-            keypoints = keypoints.clone()
-            keypoints[..., 2] = out["keypoints_scores"]
-        return Detections(
-            boxes=out["boxes"][keep].float().cpu().numpy(),
-            scores=out["scores"][keep].float().cpu().numpy(),
-            labels=out["labels"][keep].cpu().numpy().astype(np.int64) - 1,
-            class_names=self.class_names,
-            masks=None if masks is None else (masks[keep][:, 0] >= 0.5).cpu().numpy(),  # select before converting
-            keypoints=None if keypoints is None else keypoints[keep].float().cpu().numpy(),
-        )
+        return [detections_from_outputs(out, self.class_names, self.score_threshold) for out in outputs]
 
     def describe(self) -> str:
         return (
