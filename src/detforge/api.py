@@ -26,7 +26,7 @@ from detforge.engine.distributed import DistInfo, init_distributed, resolve_devi
 from detforge.engine.ema import ModelEma
 from detforge.engine.optim import build_optimizer, build_scheduler, scale_schedule
 from detforge.engine.trainer import Trainer
-from detforge.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from detforge.errors import CheckpointError, ConfigError, DatasetError, TrainingError, first_line
 from detforge.evaluation.callback import EvalCallback, evaluate_model
 from detforge.evaluation.coco import EvalResult
 from detforge.evaluation.report import write_report
@@ -343,10 +343,9 @@ def _resume(trainer: Trainer, out_dir: Path, max_iter: int, *, arch: str) -> Non
         trainer.unwrapped_model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: does not fit the model or optimizer this config builds ({first}). Resume with the run's own "
-            f"config (`detforge train {out_dir / 'config.yaml'} --resume`) or start a new output.dir."
+            f"{path}: does not fit the model or optimizer this config builds ({first_line(exc)}). Resume with the "
+            f"run's own config (`detforge train {out_dir / 'config.yaml'} --resume`) or start a new output.dir."
         ) from exc
     trainer.load_state_dict(state)
     console.print(f"resume: continuing from {path.name} (iteration {trainer.iteration})", highlight=False)

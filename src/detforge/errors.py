@@ -21,3 +21,15 @@ class CheckpointError(DetforgeError):
 
 class TrainingError(DetforgeError):
     """Training cannot go on (a non-finite loss, a finished run asked to resume, ...)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (third-party messages can run to pages), else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def summarize(exc: BaseException) -> str:
+    """``Type: first line of the message``, or just ``Type`` when the message is empty."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {first_line(exc)}" if text else type(exc).__name__

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 
-from detforge.errors import CheckpointError, ConfigError
+from detforge.errors import CheckpointError, ConfigError, summarize
 from detforge.files import atomic_write_bytes, sha256_file
 from detforge.inference.predictor import Predictor, load_checkpoint_metadata
 from detforge.models.build import get_spec
@@ -177,10 +177,7 @@ def export_model(
         try:
             data = _onnx_bytes(model, info, opset) if format == "onnx" else _torchscript_bytes(model, info)
         except Exception as exc:  # torch raises many types; keep its message, name what was exported
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise CheckpointError(
-                f"{source}: {format} export of {info.arch} failed ({type(exc).__name__}: {first})."
-            ) from exc
+            raise CheckpointError(f"{source}: {format} export of {info.arch} failed ({summarize(exc)}).") from exc
     return atomic_write_bytes(out, data)
 
 

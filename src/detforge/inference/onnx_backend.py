@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detforge.errors import CheckpointError, ConfigError
+from detforge.errors import CheckpointError, ConfigError, first_line, summarize
 from detforge.inference.export import ExportMetadata
 from detforge.inference.predictor import Detections, detections_from_outputs, to_tensor
 from detforge.models.weights import resolve_weights
@@ -85,10 +85,9 @@ class OnnxPredictor:
         try:
             outputs = self.session.run(None, {"image": array})
         except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
                 f"{self.source or 'ONNX model'}: ONNX Runtime failed on an image of {array.shape[2]}x{array.shape[1]} "
-                f"px ({type(exc).__name__}: {first}). Export it again with this detforge "
+                f"px ({summarize(exc)}). Export it again with this detforge "
                 "(`detforge export MODEL --out FILE`), or predict with --backend torch."
             ) from None
         out = dict(zip(self.output_names, outputs, strict=True))
@@ -139,13 +138,12 @@ def _check_signature(session: Any, where: str) -> None:
 def _not_onnx_message(text: str, path: Path, exc: Exception) -> str:
     with path.open("rb") as f:
         head = f.read(4)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if head.startswith(b"PK"):  # torch.save writes zip archives
         return (
             f"{text}: a PyTorch checkpoint, not an ONNX model. Export it first (`detforge export {text} "
             "--out model.onnx`) or use --backend torch."
         )
-    return f"{text}: not an ONNX model ONNX Runtime can load ({first})."
+    return f"{text}: not an ONNX model ONNX Runtime can load ({first_line(exc)})."
 
 
 def _import_onnxruntime() -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detforge.errors import CheckpointError
+from detforge.errors import CheckpointError, first_line
 from detforge.models import weights as _weights
 from detforge.models.detectron_names import (
     IGNORED_CAFFE2,
@@ -118,9 +118,8 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain containers ({first_line})."
+            f"{path}: refused to load: it holds objects other than tensors and plain containers ({first_line(exc)})."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({exc}).") from None

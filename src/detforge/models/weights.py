@@ -32,7 +32,7 @@ from torchvision.models.detection.retinanet import RetinaNetClassificationHead, 
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 
-from detforge.errors import CheckpointError, ConfigError
+from detforge.errors import CheckpointError, ConfigError, first_line
 from detforge.files import sha256_file
 from detforge.progress import track
 
@@ -243,9 +243,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain containers ({first_line}). "
+            f"{path}: refused to load: it holds objects other than tensors and plain containers ({first_line(exc)}). "
             "Only use files you trust; re-save them as a plain state dict (torch.save(model.state_dict(), ...))."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from detforge.config import config_to_yaml
 from detforge.engine.callbacks import StepOutput
+from detforge.errors import summarize
 from detforge.files import atomic_write_bytes, atomic_write_text, sha256_file
 from detforge.tracking import registry
 from detforge.tracking.spool import Op, Spool, pending_count
@@ -284,7 +285,7 @@ class MlflowSender:
                 getattr(self, f"_send_{kind}")(op)
 
     def _reject(self, ops: list[Op], exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = summarize(exc)
         console.print(f"[yellow]tracking: {len(ops)} {ops[0]['op']} records refused ({reason}); kept in "
                       f"{self.rejected}", highlight=False)  # fmt: skip
         if self.rejected is not None:

@@ -28,7 +28,7 @@ from rich.console import Console
 from detforge.data.images import load_image_rgb
 from detforge.draw import _decode_mask
 from detforge.engine.callbacks import StepOutput
-from detforge.errors import DatasetError
+from detforge.errors import DatasetError, first_line
 from detforge.evaluation.report import decode_rle
 from detforge.files import atomic_write_text
 from detforge.tracking.store import TrackingError, open_store
@@ -199,9 +199,8 @@ class WandbTracker(Tracker):
         except self.wandb.errors.CommError as exc:
             if mode == "offline":
                 raise TrackingError(f"tracking: W&B could not start an offline run: {exc}") from None
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             console.print(
-                f"[yellow]tracking: the W&B server did not answer ({first_line}); recording offline in "
+                f"[yellow]tracking: the W&B server did not answer ({first_line(exc)}); recording offline in "
                 f"{self.wandb_dir.resolve()}. Upload later with `wandb sync {self.wandb_dir.resolve()}/offline-run-*`.",
                 highlight=False,
             )

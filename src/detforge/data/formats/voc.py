@@ -23,7 +23,7 @@ from typing import Any
 from detforge.data.formats.common import DatasetBuilder, ImportResult, finish_import
 from detforge.data.images import IMAGE_SUFFIXES, is_image_file, read_image_size
 from detforge.data.report import Report, Severity
-from detforge.errors import DatasetError
+from detforge.errors import DatasetError, first_line
 from detforge.progress import track
 
 __all__ = ["import_voc"]
@@ -163,7 +163,7 @@ def _read_xml(path: Path, report: Report, severity: Severity) -> _Record | None:
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, ValueError, LookupError) as exc:
-        report.add(severity, "XML file not readable (image not imported)", path.name, _first_line(exc))
+        report.add(severity, "XML file not readable (image not imported)", path.name, first_line(exc))
         return None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror}).") from None
@@ -180,11 +180,6 @@ def _read_xml(path: Path, report: Report, severity: Severity) -> _Record | None:
         else:
             record.objects.append(parsed)
     return record
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _text(element: ET.Element, tag: str) -> str:

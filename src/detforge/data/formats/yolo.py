@@ -24,7 +24,7 @@ from detforge.data.formats.common import DatasetBuilder, ImportResult, finish_im
 from detforge.data.images import is_image_file, read_image_size
 from detforge.data.records import Annotation, Dataset, Image
 from detforge.data.report import Report, Severity
-from detforge.errors import DatasetError
+from detforge.errors import DatasetError, first_line
 from detforge.files import atomic_write_text
 from detforge.progress import track
 
@@ -182,7 +182,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: not UTF-8 text; expected a YOLO data.yaml.") from None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise DatasetError(
-            f"{path}: not valid YAML ({_first_line(exc)}); fix the file or pass the folder."
+            f"{path}: not valid YAML ({first_line(exc)}); fix the file or pass the folder."
         ) from None
     if not isinstance(config, dict):
         raise DatasetError(
@@ -190,10 +190,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"found {type(config).__name__}."
         )
     return {str(k): v for k, v in config.items()}
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _yaml_root(config: dict[str, Any], yaml_path: Path, report: Report) -> Path:
