@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from helpers import FileServer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -89,3 +92,13 @@ def _isolated_tracking_store(tmp_path_factory: pytest.TempPathFactory, monkeypat
     """Every test gets its own embedded tracking store, never the developer's ``./.detforge``."""
     monkeypatch.setenv("DETFORGE_WORKDIR", str(tmp_path_factory.mktemp("workdir")))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[FileServer]:
+    """An http server on 127.0.0.1 for the files in ``tmp_path/served`` (weights, zoo files ...)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = FileServer(root)
+    yield server
+    server.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -19,23 +18,7 @@ from detforge.engine.checkpoint import load_checkpoint
 from detforge.errors import CheckpointError, DatasetError
 from detforge.evaluation.coco import evaluate_coco
 from detforge.models.build import build_model
-
-
-def tiny_config(tiny_dataset: Path, out: Path, **train: Any) -> dict[str, Any]:
-    return {
-        "data": {
-            "train": str(tiny_dataset),
-            "val": str(tiny_dataset),
-            "min_size": [64],
-            "max_size": 64,
-            "num_workers": 0,
-        },
-        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "score_threshold": 0.0},
-        "train": {"max_iter": 4, "batch_size": 2, "warmup_iters": 1, "checkpoint_period": 2, **train},
-        "eval": {"period": 2, "best_metric": "bbox/AR100"},
-        "tracking": {"backend": "none"},
-        "output": {"dir": str(out)},
-    }
+from helpers import tiny_config
 
 
 def test_train_writes_config_checkpoints_evaluations_and_evaluate_reproduces_them(
@@ -112,7 +95,7 @@ def test_a_mask_model_on_box_only_data_and_disagreeing_classes_are_clear_errors(
 
 
 def test_resuming_with_another_architecture_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> None:
-    config = tiny_config(tiny_dataset, tmp_path / "run", max_iter=2)
+    config = tiny_config(tiny_dataset, tmp_path / "run", train={"max_iter": 2})
     config["eval"]["period"] = 0
     detforge.train(config)
     longer = ["train.max_iter=4", "model.arch=fasterrcnn_mobilenet_v3_large_fpn"]

@@ -15,25 +15,16 @@ import yaml
 from detforge.config import ModelConfig
 from detforge.engine.checkpoint import load_checkpoint
 from detforge.models.build import build_model
+from helpers import tiny_config
 
 ENV = {**os.environ, "DETFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 
 def _config(tiny_dataset: Path, out: Path, *, max_iter: int) -> Path:
-    config = {
-        "data": {
-            "train": str(tiny_dataset),
-            "val": str(tiny_dataset),
-            "min_size": [64],
-            "max_size": 64,
-            "num_workers": 0,
-        },
-        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn"},
-        "train": {"max_iter": max_iter, "batch_size": 1, "warmup_iters": 1, "checkpoint_period": 2},
-        "eval": {"period": 0},
-        "tracking": {"backend": "none"},
-        "output": {"dir": str(out)},
-    }
+    config = tiny_config(
+        tiny_dataset, out, model={"score_threshold": 0.05}, train={"max_iter": max_iter, "batch_size": 1},
+        eval={"period": 0}
+    )  # fmt: skip
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
     return path

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +37,7 @@ from detforge.inference.pyfunc import (
     request_detections,
     save_pyfunc_model,
 )
+from helpers import free_port, stop_process_group
 
 MLFLOW = Path(sys.executable).with_name("mlflow")  # the venv's; `mlflow models serve` also needs its bin on PATH
 ALIAS = "best-bbox-AP50"
@@ -121,12 +120,6 @@ def test_request_bodies_round_trip(balloon: Path) -> None:
 # serving
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/ping", timeout=1) as reply:
@@ -138,7 +131,7 @@ def _answers(url: str) -> bool:
 @contextlib.contextmanager
 def _serving(model_uri: str, log: Path, env: dict[str, str]) -> Iterator[str]:
     """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (its own process group, killed on exit)."""
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     command = [
         str(MLFLOW), "models", "serve", "-m", model_uri, "--env-manager", "local",
         "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
@@ -156,12 +149,7 @@ def _serving(model_uri: str, log: Path, env: dict[str, str]) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        stop_process_group(proc)
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

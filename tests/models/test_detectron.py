@@ -6,11 +6,7 @@ import builtins
 import os
 import pickle
 import re
-import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ from detforge.models.detectron import (
 )
 from detforge.models.restricted_pickle import load_restricted_pickle
 from detforge.models.weights import fit_state_dict, resolve_weights
+from helpers import FileServer
 
 # ---- Detectron2 / Caffe2 state dicts of the real shapes, named by rules written independently of the module ----
 
@@ -369,42 +366,12 @@ def test_coco_names_are_the_80_contiguous_classes() -> None:
 # ---- 3. detectron2:// zoo paths -----------------------------------------------------------------------------------
 
 
-class _Server:
-    def __init__(self, root: Path) -> None:
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                server.requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.root = root
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[_Server]:
-    root = tmp_path / "served"
-    root.mkdir()
-    srv = _Server(root)
-    srv.thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-
-
 def test_detectron2_zoo_path_is_downloaded_once(
-    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(detectron, "DETECTRON2_ZOO_URL", f"{server.url}/detectron2/")
+    monkeypatch.setattr(detectron, "DETECTRON2_ZOO_URL", f"{file_server.url}/detectron2/")
     monkeypatch.setenv("DETFORGE_CACHE", str(tmp_path / "cache"))
-    folder = server.root / "detectron2" / "ImageNetPretrained" / "MSRA"
+    folder = file_server.root / "detectron2" / "ImageNetPretrained" / "MSRA"
     folder.mkdir(parents=True)
     blobs = {"conv1_w": np.ones((64, 3, 7, 7), np.float32), "res_conv1_bn_s": np.ones(64, np.float32)}
     _write_pickle(folder / "R-50.pkl", blobs, protocol=2)
@@ -413,12 +380,14 @@ def test_detectron2_zoo_path_is_downloaded_once(
     second = resolve_weights("detectron2://ImageNetPretrained/MSRA/R-50.pkl")
 
     assert first == second and first.parent == tmp_path / "cache" / "weights" and first.suffix == ".pkl"
-    assert server.requests == ["/detectron2/ImageNetPretrained/MSRA/R-50.pkl"]
+    assert file_server.requests == ["/detectron2/ImageNetPretrained/MSRA/R-50.pkl"]
     assert load_detectron_state_dict(first, fold_input=False)["backbone.body.bn1.running_var"].tolist() == [1.0] * 64
 
 
-def test_missing_zoo_file_names_the_url(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(detectron, "DETECTRON2_ZOO_URL", f"{server.url}/")
+def test_missing_zoo_file_names_the_url(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(detectron, "DETECTRON2_ZOO_URL", f"{file_server.url}/")
     monkeypatch.setenv("DETFORGE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CheckpointError, match=r"127\.0\.0\.1:\d+/COCO/nope\.pkl: download failed: HTTP 404"):
         resolve_weights("detectron2://COCO/nope.pkl")

@@ -5,10 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import threading
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,80 +20,52 @@ from detforge.models.weights import (
     load_weights,
     resolve_weights,
 )
+from helpers import FileServer
 
 
-class _Server:
-    def __init__(self, root: Path) -> None:
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                server.requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[_Server]:
-    root = tmp_path / "served"
-    root.mkdir()
-    srv = _Server(root)
-    srv.thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-
-
-def _serve_state_dict(server: _Server, name: str = "tiny.pt") -> tuple[str, bytes]:
+def _serve_state_dict(file_server: FileServer, name: str = "tiny.pt") -> tuple[str, bytes]:
     torch.manual_seed(0)
-    path = Path(server.httpd.RequestHandlerClass.keywords["directory"]) / name  # type: ignore[attr-defined]
+    path = file_server.root / name
     torch.save({"model": nn.Linear(3, 2).state_dict(), "step": 7}, path)
-    return f"{server.url}/{name}", path.read_bytes()
+    return f"{file_server.url}/{name}", path.read_bytes()
 
 
-def test_download_once_then_served_from_cache(server: _Server, tmp_path: Path) -> None:
-    url, data = _serve_state_dict(server)
+def test_download_once_then_served_from_cache(file_server: FileServer, tmp_path: Path) -> None:
+    url, data = _serve_state_dict(file_server)
     cache = tmp_path / "cache"
     first = resolve_weights(url, cache_dir=cache)
     second = resolve_weights(url, cache_dir=cache)
     assert first == second and first.read_bytes() == data
     assert first.parent == cache and first.name.startswith("tiny-") and first.suffix == ".pt"
-    assert server.requests == ["/tiny.pt"]
+    assert file_server.requests == ["/tiny.pt"]
     assert [p.name for p in cache.iterdir()] == [first.name]  # no temporary file left behind
 
 
-def test_sha256_prefix_accepted(server: _Server, tmp_path: Path) -> None:
-    url, data = _serve_state_dict(server)
+def test_sha256_prefix_accepted(file_server: FileServer, tmp_path: Path) -> None:
+    url, data = _serve_state_dict(file_server)
     digest = hashlib.sha256(data).hexdigest()
     assert resolve_weights(url, sha256=digest[:10], cache_dir=tmp_path).read_bytes() == data
     assert resolve_weights(url, sha256=digest.upper(), cache_dir=tmp_path).read_bytes() == data
 
 
-def test_sha256_mismatch_errors_and_leaves_no_file(server: _Server, tmp_path: Path) -> None:
-    url, _ = _serve_state_dict(server)
+def test_sha256_mismatch_errors_and_leaves_no_file(file_server: FileServer, tmp_path: Path) -> None:
+    url, _ = _serve_state_dict(file_server)
     cache = tmp_path / "cache"
     with pytest.raises(CheckpointError, match=r"does not match the expected 00000000.*deleted"):
         resolve_weights(url, sha256="0" * 64, cache_dir=cache)
     assert list(cache.iterdir()) == []
 
 
-def test_cached_file_with_wrong_hash_is_fetched_again(server: _Server, tmp_path: Path) -> None:
-    url, data = _serve_state_dict(server)
+def test_cached_file_with_wrong_hash_is_fetched_again(file_server: FileServer, tmp_path: Path) -> None:
+    url, data = _serve_state_dict(file_server)
     path = resolve_weights(url, cache_dir=tmp_path)
     path.write_bytes(b"corrupted")
     again = resolve_weights(url, sha256=hashlib.sha256(data).hexdigest(), cache_dir=tmp_path)
-    assert again.read_bytes() == data and len(server.requests) == 2
+    assert again.read_bytes() == data and len(file_server.requests) == 2
 
 
-def test_http_404_names_the_url(server: _Server, tmp_path: Path) -> None:
-    url = f"{server.url}/missing.pt"
+def test_http_404_names_the_url(file_server: FileServer, tmp_path: Path) -> None:
+    url = f"{file_server.url}/missing.pt"
     with pytest.raises(CheckpointError, match=rf"{url}: download failed: HTTP 404"):
         resolve_weights(url, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
@@ -141,9 +109,11 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_cache_dir() == tmp_path / "xdg" / "detforge" / "weights"
 
 
-def test_load_weights_from_url_reports_keys(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_weights_from_url_reports_keys(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DETFORGE_CACHE", str(tmp_path))
-    url, _ = _serve_state_dict(server)
+    url, _ = _serve_state_dict(file_server)
     target = nn.Linear(3, 2)
     report = load_weights(target, url)
     assert isinstance(report, WeightsReport)

@@ -11,7 +11,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,9 @@ from detforge.tracking.mlflow_tracker import MlflowTracker
 from detforge.tracking.registry import list_model_versions, resolve_model
 from detforge.tracking.spool import Spool
 from detforge.tracking.store import open_store
+from helpers import free_port
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ import pytest
 
 import detforge
 from detforge.tracking.store import Store
+from helpers import free_port, stop_process_group, tiny_config
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
@@ -78,12 +77,6 @@ def screenshots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class UiServer:
     """A running ``detforge ui``."""
@@ -115,28 +108,17 @@ def detforge_ui(log_path: Path) -> Iterator[UiServer]:
     try:
         yield UiServer(f"http://127.0.0.1:{port}", proc, log_path)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 def tracked_config(tiny_dataset: Path, out: Path) -> dict[str, Any]:
     """Two iterations, one evaluation at the end: metrics, two prediction images and two `best-…` aliases."""
-    return {
-        "data": {
-            "train": str(tiny_dataset),
-            "val": str(tiny_dataset),
-            "min_size": [64],
-            "max_size": 64,
-            "num_workers": 0,
-        },
-        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "score_threshold": 0.0},
-        "train": {"max_iter": MAX_ITER, "batch_size": 2, "warmup_iters": 1, "log_period": 1},
-        "eval": {"period": 0, "best_metric": "bbox/AR100", "best_metrics": ["bbox/AP50"]},
-        "tracking": {
+    return tiny_config(
+        tiny_dataset,
+        out,
+        train={"max_iter": MAX_ITER, "log_period": 1, "checkpoint_period": 500},
+        eval={"period": 0, "best_metrics": ["bbox/AP50"]},
+        tracking={
             "backend": "mlflow",
             "experiment": EXPERIMENT,
             "model_name": MODEL_NAME,
@@ -144,8 +126,7 @@ def tracked_config(tiny_dataset: Path, out: Path) -> dict[str, Any]:
             "score_threshold": 0.0,
             "log_datasets": False,
         },
-        "output": {"dir": str(out)},
-    }
+    )
 
 
 def test_mlflow_ui_shows_metric_charts_prediction_images_and_best_aliases(
