@@ -15,7 +15,7 @@ from detforge.config import ModelConfig
 from detforge.data.formats.coco import load_coco
 from detforge.data.loader import DetectionDataset, collate_detection
 from detforge.engine.checkpoint import load_checkpoint
-from detforge.errors import CheckpointError, DatasetError
+from detforge.errors import CheckpointError, ConfigError, DatasetError
 from detforge.evaluation.coco import evaluate_coco
 from detforge.models.build import build_model
 from helpers import tiny_config
@@ -108,3 +108,13 @@ def test_resuming_with_another_architecture_is_a_clear_error(tiny_dataset: Path,
     reshaped = ["train.max_iter=4", "model.aspect_ratios=[0.5,1.0,2.0,4.0]"]  # same arch, other RPN head shape
     with pytest.raises(CheckpointError, match=r"does not fit the model or optimizer this config builds \(Error"):
         detforge.train(config, reshaped, resume=True)
+
+
+def test_best_metrics_are_checked_before_training_starts(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_dataset, tmp_path / "run", eval={"best_metrics": ["bbox/AP_50"]})
+    with pytest.raises(ConfigError, match=r"best_metrics: 'bbox/AP_50' is not a metric .* Did you mean bbox/AP50\?"):
+        detforge.train(config)
+    config = tiny_config(tiny_dataset, tmp_path / "run", eval={"best_metric": "segm/AP"})
+    with pytest.raises(ConfigError, match=r"eval.best_metric: 'segm/AP' is not a metric of fasterrcnn_mobilenet"):
+        detforge.train(config)
+    assert not list((tmp_path / "run").glob("*.pt"))  # nothing trained

@@ -5,6 +5,7 @@ The engine knows nothing of evaluation or tracking; this module is where they me
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from detforge.engine.optim import build_optimizer, build_scheduler, scale_schedu
 from detforge.engine.trainer import Trainer
 from detforge.errors import CheckpointError, ConfigError, DatasetError, TrainingError, first_line
 from detforge.evaluation.callback import EvalCallback, evaluate_model
-from detforge.evaluation.coco import EvalResult
+from detforge.evaluation.coco import EvalResult, metric_names
 from detforge.evaluation.report import write_report
 from detforge.models.build import MODELS, build_model
 from detforge.tracking import registry as _registry  # registers the model: weights resolver
@@ -142,6 +143,22 @@ def _task_needs(cfg: Config, data: RunData) -> tuple[bool, bool, tuple[str, ...]
     return with_masks, with_keypoints, iou_types
 
 
+def _check_best_metrics(cfg: Config, iou_types: tuple[str, ...]) -> None:
+    """``eval.best_metric`` and ``eval.best_metrics`` name metrics this run's evaluations give (checked before
+    training starts, not at the first evaluation)."""
+    known = metric_names(iou_types)
+    named = [("eval.best_metric", cfg.eval.best_metric)]
+    named += [("eval.best_metrics", spec.partition(":")[0]) for spec in cfg.eval.best_metrics]
+    for key, metric in named:
+        if metric not in known:
+            close = difflib.get_close_matches(metric, known, n=1, cutoff=0.6)
+            hint = f"Did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"{key}: '{metric}' is not a metric of {cfg.model.arch}'s evaluation ({', '.join(known)}). {hint}"
+                f"Use one of those names, e.g. {key}={known[1] if key.endswith('metric') else f'[{known[1]}]'}."
+            )
+
+
 def build_run_model(cfg: Config, data: RunData, device: torch.device) -> nn.Module:
     """The configured model for this data, with its weights loaded, on ``device``.
 
@@ -181,6 +198,8 @@ def train(
     sources = resolve_data_sources(cfg, log_plain_files=log_files)
     data = load_run_data(cfg, sources)
     with_masks, with_keypoints, iou_types = _task_needs(cfg, data)
+    if not callbacks:  # a callback of the caller's may report metrics of its own: then the first evaluation checks
+        _check_best_metrics(cfg, iou_types)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_run_model(cfg, data, device)
     schedule = scale_schedule(cfg.train, eval_period=cfg.eval.period, world_size=dist_info.world_size)

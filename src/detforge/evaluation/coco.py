@@ -47,6 +47,7 @@ __all__ = [
     "CocoEvaluator",
     "EvalResult",
     "evaluate_coco",
+    "metric_names",
     "merge_results",
     "predictions_to_results",
 ]
@@ -309,6 +310,15 @@ def evaluate_coco(
         metrics.update({f"{iou_type}/{k}": float(v) for k, v in zip(labels, coco_eval.stats, strict=False)})
         per_class[iou_type], pr_curves[iou_type] = _per_class(coco_eval, names)
     return EvalResult(metrics, per_class, pr_curves, list(results))
+
+
+def metric_names(iou_types: Sequence[str]) -> list[str]:
+    """The names :func:`evaluate_coco` gives its metrics for ``iou_types``, e.g. ``bbox/AP50``."""
+    return [
+        f"{iou_type}/{label}"
+        for iou_type in _check_iou_types(iou_types)
+        for label in (KEYPOINT_METRICS if iou_type == "keypoints" else DETECTION_METRICS)
+    ]
 
 
 def _check_iou_types(iou_types: Sequence[str]) -> tuple[str, ...]:
