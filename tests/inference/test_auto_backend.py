@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,14 @@ def assert_same_frames(a: list[list[dict[str, Any]]], b: list[list[dict[str, Any
 
 
 def test_a_big_job_runs_on_onnx_runtime_from_one_cached_export_with_pytorchs_detections(
-    checkpoint: Path, tmp_path: Path, synthetic_video: VideoFactory, _own_cache: Path
+    checkpoint: Path, tmp_path: Path, synthetic_video: VideoFactory, _own_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     video = synthetic_video(tmp_path / "clip.mp4", MIN_ITEMS_TO_EXPORT)
+    hashed: list[Path] = []
+    real_sha256 = auto.sha256_file
+    monkeypatch.setattr(auto, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256(path))
     auto_run = predict(checkpoint, [video], tmp_path / "auto", score_threshold=0.05)
+    assert hashed == [checkpoint]  # the cache name is worked out once, however many steps need it
     assert "ONNX Runtime" in auto_run.model and f"{MIN_ITEMS_TO_EXPORT} images and frames" in auto_run.model
     assert auto_run.frames == MIN_ITEMS_TO_EXPORT and not auto_run.skipped
     exports = list((_own_cache / "onnx").glob("*.onnx"))
@@ -140,3 +145,27 @@ def test_the_choice_follows_device_file_type_and_checkpoint_content(checkpoint: 
     Image.new("RGB", (81, 63), (30, 30, 30)).save(image)
     with pytest.raises(ConfigError, match="backend: expected auto, torch or onnxruntime, found 'tensorrt'"):
         predict(checkpoint, [image], tmp_path / "out", backend="tensorrt")
+
+
+def test_the_export_cache_keeps_the_most_recently_used_exports(
+    tmp_path: Path, _own_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _own_cache / "onnx"
+    folder.mkdir(parents=True)
+    old = [folder / f"old{k}.onnx" for k in range(auto.MAX_CACHED_EXPORTS)]
+    for age, file in enumerate(old, start=1):  # old0 was used last, old7 first
+        file.write_bytes(b"onnx")
+        os.utime(file, ns=(10**18 - age * 10**9,) * 2)
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    exported: list[Path] = []
+    monkeypatch.setattr(export, "export_model", lambda model, out, **_: exported.append(out) or out.write_bytes(b"x"))
+
+    new = auto.cached_onnx_export(str(checkpoint), 0.5)
+    assert exported == [new] and new.is_file()
+    assert sorted(folder.glob("*.onnx")) == sorted([new, *old[:-1]])  # the least recently used one went
+
+    os.utime(new, ns=(1, 1))  # the oldest now, unless using it counts as recent use
+    assert auto.cached_onnx_export(str(checkpoint), 0.5) == new and len(exported) == 1  # reused, not exported
+    auto.cached_onnx_export(str(checkpoint), 0.25)  # another threshold: a new export, and one more pruned
+    assert new.exists() and not old[-2].exists() and len(list(folder.glob("*.onnx"))) == auto.MAX_CACHED_EXPORTS

@@ -48,14 +48,19 @@ ONNX_FASTER = frozenset({"fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobile
 MIN_ONNX_SCORE_THRESHOLD = 0.05
 # Bumped whenever the export code changes what it writes, so older cached exports are never reused.
 EXPORT_FORMAT_VERSION = 2
+# The cache keeps the exports used most recently (each file is about the checkpoint's size): every new checkpoint,
+# score threshold or library upgrade makes a new one, and the old ones would otherwise pile up for ever.
+MAX_CACHED_EXPORTS = 8
 
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """What ``auto`` picked (``torch`` or ``onnxruntime``) and why, in words for the summary."""
+    """What ``auto`` picked (``torch`` or ``onnxruntime``) and why, in words for the summary; ``export`` is where
+    the checkpoint's ONNX export lives (or will) in the cache, when ``auto`` looked (hashing a checkpoint once)."""
 
     backend: str
     reason: str
+    export: Path | None = None
 
 
 def onnx_cache_dir() -> Path:
@@ -91,32 +96,58 @@ def choose_backend(
     arch = _arch(model)
     if arch not in ONNX_FASTER:
         return BackendChoice("torch", f"ONNX Runtime was not measured faster than PyTorch for {arch or 'this model'}")
-    if _cached_export_path(model, score_threshold).is_file():
-        return BackendChoice("onnxruntime", "a cached ONNX export of this checkpoint exists")
+    export = _cached_export_path(model, score_threshold)
+    if export.is_file():
+        return BackendChoice("onnxruntime", "a cached ONNX export of this checkpoint exists", export)
     items = images + sum(_frame_count(video) for video in videos)
     if items < MIN_ITEMS_TO_EXPORT:
         return BackendChoice(
             "torch",
             f"{items} images and frames, fewer than {MIN_ITEMS_TO_EXPORT}: a first ONNX export would cost more than "
             "it saves (--backend onnxruntime to export and cache it anyway)",
+            export,
         )
-    return BackendChoice("onnxruntime", f"{items} images and frames: exporting to ONNX once pays off")
+    return BackendChoice("onnxruntime", f"{items} images and frames: exporting to ONNX once pays off", export)
 
 
-def cached_onnx_export(model: str, score_threshold: float) -> Path:
+def cached_onnx_export(model: str, score_threshold: float, path: Path | None = None) -> Path:
     """The ONNX export of ``model`` (as for :func:`choose_backend`) with ``score_threshold``, written into the
-    cache the first time.
+    cache the first time; ``path`` is its cache file when already known (``BackendChoice.export``).
 
     Raises:
         CheckpointError, ConfigError, TrackingError: as :func:`detforge.inference.export.export_model`.
     """
     from detforge.inference.export import export_model
 
-    path = _cached_export_path(model, score_threshold)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export_model(model, path, format="onnx", opset=EXPORT_OPSET, score_threshold=score_threshold)
+    path = path or _cached_export_path(model, score_threshold)
+    if path.is_file():
+        os.utime(path)  # used now: the last to be pruned
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_model(model, path, format="onnx", opset=EXPORT_OPSET, score_threshold=score_threshold)
+    _prune_cache(path.parent, keep=MAX_CACHED_EXPORTS)
     return path
+
+
+def _prune_cache(folder: Path, *, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recently used exports in ``folder``; return what was deleted.
+
+    A file another process deletes first, or one that cannot be deleted, is left to the next prune.
+    """
+    exports = []
+    for file in folder.glob("*.onnx"):
+        try:
+            exports.append((file.stat().st_mtime_ns, file))
+        except OSError:
+            continue
+    deleted = []
+    for _, file in sorted(exports, reverse=True)[keep:]:
+        try:
+            file.unlink()
+        except OSError:
+            continue
+        deleted.append(file)
+    return deleted
 
 
 def is_onnx_model(model: str) -> bool:
