@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import orjson
 import pytest
@@ -18,7 +20,7 @@ from detforge.data.formats.coco import load_coco
 from detforge.errors import ConfigError
 from detforge.inference.predictor import Predictor
 from detforge.inference.run import expand_inputs, predict
-from detforge.inference.video import probe_video, read_frames
+from detforge.inference.video import VideoWriter, probe_video, read_frames
 from detforge.tracking.store import TrackingError
 
 VideoFactory = Callable[[Path, int], Path]
@@ -78,6 +80,45 @@ def test_a_video_gives_an_mp4_with_every_frame_and_json_lines(
     lines = (tmp_path / "out" / "clip.jsonl").read_text().splitlines()
     assert [json.loads(line)["frame"] for line in lines] == list(range(14))
     assert json.loads(lines[12])["time"] == pytest.approx(1.0)
+
+
+def test_real_footage_from_balloon_photos_decodes_back_frame_for_frame(
+    checkpoint: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    photos = sorted((shared_data / "balloon" / "val").glob("*.jpg"))[:4]
+    source = tmp_path / "balloons.mp4"
+    with VideoWriter(source, fps=10) as writer:  # 12 frames of real photos (each held for 3 frames), 320x240
+        for photo in photos[:4]:
+            frame = np.asarray(PILImage.open(photo).convert("RGB").resize((320, 240)))
+            for _ in range(3):
+                writer.write(frame)
+    summary = predict(checkpoint, [source], tmp_path / "out", score_threshold=0.0, batch_size=5, precision="fp32")
+    written = tmp_path / "out" / "balloons.mp4"
+    assert summary.frames == 12 and not summary.skipped
+    decoded = list(read_frames(written))
+    assert len(decoded) == 12 and decoded[0].shape == (240, 320, 3)
+    original = list(read_frames(source))
+    assert any(np.abs(a.astype(int) - b.astype(int)).mean() > 1 for a, b in zip(decoded, original, strict=True))
+    lines = [json.loads(line) for line in (tmp_path / "out" / "balloons.jsonl").read_text().splitlines()]
+    assert [line["frame"] for line in lines] == list(range(12))
+    assert sum(len(line["detections"]) for line in lines) == summary.detections > 0
+
+
+def test_frame_times_of_a_variable_frame_rate_video_come_from_its_timestamps(checkpoint: Path, tmp_path: Path) -> None:
+    video, milliseconds = tmp_path / "vfr.mp4", [0, 40, 80, 500, 540, 2000]
+    with av.open(str(video), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for k, ms in enumerate(milliseconds):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * k, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    predict(checkpoint, [video], tmp_path / "out", precision="fp32")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "vfr.jsonl").read_text().splitlines()]
+    assert [line["frame"] for line in lines] == list(range(6))
+    assert [line["time"] for line in lines] == pytest.approx([ms / 1000 for ms in milliseconds])
 
 
 def test_a_truncated_video_is_named_and_the_rest_is_still_processed(

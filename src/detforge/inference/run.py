@@ -38,7 +38,7 @@ from detforge.errors import CheckpointError, ConfigError, DatasetError
 from detforge.files import atomic_write_bytes
 from detforge.inference.predictor import Detections, Predictor, batched
 from detforge.inference.results import coco_results
-from detforge.inference.video import VideoWriter, is_video_file, probe_video, read_frames
+from detforge.inference.video import VideoWriter, is_video_file, probe_video, read_timed_frames
 from detforge.progress import track
 
 __all__ = ["PredictSummary", "expand_inputs", "predict"]
@@ -349,13 +349,13 @@ def _predict_video(
     frame_index = 0
     try:
         with tmp_lines.open("wb") as lines:
-            frames = track(read_frames(path), f"Predicting {path.name}", total=info.frames, unit="frames")
+            frames = track(read_timed_frames(path), f"Predicting {path.name}", total=info.frames, unit="frames")
             for batch in batched(frames, batch_size):
-                for frame, found in zip(batch, predictor.predict(batch), strict=True):
+                found_in_batch = predictor.predict([frame for _, frame in batch])
+                for (time, frame), found in zip(batch, found_in_batch, strict=True):
                     found = _filtered(found, keep)
                     writer.write(np.asarray(_draw(frame, found)))
-                    record = {"frame": frame_index, "time": round(float(frame_index / info.fps), 4),
-                              "detections": found.to_json()}  # fmt: skip
+                    record = {"frame": frame_index, "time": round(time, 4), "detections": found.to_json()}
                     lines.write(orjson.dumps(record) + b"\n")
                     frame_index += 1
                     summary.detections += len(found)

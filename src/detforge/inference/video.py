@@ -20,7 +20,15 @@ import numpy as np
 
 from detforge.errors import DatasetError
 
-__all__ = ["VIDEO_SUFFIXES", "VideoInfo", "VideoWriter", "is_video_file", "probe_video", "read_frames"]
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "VideoInfo",
+    "VideoWriter",
+    "is_video_file",
+    "probe_video",
+    "read_frames",
+    "read_timed_frames",
+]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 DEFAULT_FPS = Fraction(25)
@@ -58,6 +66,18 @@ def read_frames(path: str | os.PathLike[str]) -> Iterator[np.ndarray]:
     """RGB uint8 frames (H, W, 3) of the first video stream, in order.
 
     Raises:
+        VideoError: as :func:`read_timed_frames`.
+    """
+    for _, frame in read_timed_frames(path):
+        yield frame
+
+
+def read_timed_frames(path: str | os.PathLike[str]) -> Iterator[tuple[float, np.ndarray]]:
+    """``(time, frame)`` pairs of the first video stream, in order: the frame's presentation time in seconds (from
+    its timestamp, so variable frame rates come out right; index / frame rate when the file has no timestamps) and
+    its RGB uint8 pixels (H, W, 3).
+
+    Raises:
         VideoError: the file cannot be opened, or decoding fails part-way (the message says after how many frames;
             the frames before were yielded).
     """
@@ -66,8 +86,10 @@ def read_frames(path: str | os.PathLike[str]) -> Iterator[np.ndarray]:
         with av.open(str(path)) as container:
             stream = _video_stream(container, path)
             stream.thread_type = "SLICE"  # FIELD_NOTES: "AUTO" (frame threads) is slower on 2 cores
+            rate = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+                time = frame.time if frame.time is not None else float(count / rate)
+                yield time, frame.to_ndarray(format="rgb24")
                 count += 1
     except av.FFmpegError as exc:
         where = f"after {count} frames" if count else "before the first frame"
