@@ -38,6 +38,7 @@ from detforge.config import ModelConfig
 from detforge.errors import CheckpointError, ConfigError
 from detforge.models import detectron2_compat as d2c
 from detforge.models.heads import apply_head_sizes
+from detforge.models.roi_align import use_fast_backward
 from detforge.models.weights import WeightsReport, load_backbone_weights, load_weights
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "find_torchvision_weights", "get_spec", "is_torchvision_weight_name"]
@@ -240,7 +241,7 @@ def build_model(
         reinitialised = _swap_class_heads(model, num_classes=num_classes + 1, num_keypoints=num_keypoints)
         reinitialised += _apply_anchors(model, spec, cfg) + apply_head_sizes(model, cfg)
         model.weights_report = _torchvision_report(model, enum, reinitialised)
-        return model
+        return _roi_poolers(model, cfg)
     backbone_enum = None
     if cfg.backbone_weights and is_torchvision_weight_name(cfg.backbone_weights):
         backbone_enum = find_torchvision_weights(spec, cfg.arch, cfg.backbone_weights, backbone=True)
@@ -259,6 +260,13 @@ def build_model(
         model.weights_report = load_weights(model, cfg.weights, sha256=cfg.weights_sha256)
     elif cfg.backbone_weights and backbone_enum is None:
         model.weights_report = load_backbone_weights(model, cfg.backbone_weights, sha256=cfg.weights_sha256)
+    return _roi_poolers(model, cfg)
+
+
+def _roi_poolers(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """R-CNN poolers with the faster CPU backward pass unless ``model.fast_roi_align_backward`` is off."""
+    if cfg.fast_roi_align_backward:
+        use_fast_backward(model)
     return model
 
 
