@@ -48,8 +48,8 @@ class Recipe:
     video_frames: int
 
 
-FULL = Recipe(images=900, extra_images=240, image_size=192, train_size=320, stage1_iters=600, stage2_iters=150,
-              eval_period=200, batch_size=4, lr=0.02, video_frames=48)  # fmt: skip
+FULL = Recipe(images=900, extra_images=240, image_size=192, train_size=320, stage1_iters=380, stage2_iters=100,
+              eval_period=190, batch_size=4, lr=0.02, video_frames=48)  # fmt: skip
 QUICK = Recipe(images=24, extra_images=8, image_size=96, train_size=96, stage1_iters=4, stage2_iters=2, eval_period=2,
                batch_size=2, lr=0.01, video_frames=6)  # fmt: skip
 # Cheaper R-CNN steps on a CPU (README, "Cheaper R-CNN training on a CPU"): fewer sampled RoIs and proposals,
