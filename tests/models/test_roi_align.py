@@ -128,3 +128,15 @@ def test_inference_and_torchscript_use_torchvisions_pooler() -> None:
     assert "FastBackward" not in str(scripted.roi_heads.box_roi_pool.original_name)
     _, out = scripted([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(5))])
     torch.testing.assert_close(out[0]["boxes"], fast[0]["boxes"])
+
+
+def test_bfloat16_features_under_autocast_get_a_bfloat16_gradient() -> None:
+    features = torch.randn(1, 4, 12, 12).to(torch.bfloat16).requires_grad_()
+    rois = torch.tensor([[0.0, 10, 10, 60, 70]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align_fast_backward(features, rois, (7, 7), 1 / 8, 2)
+    out.float().sum().backward()
+    reference = features.detach().float().requires_grad_()
+    roi_align(reference, rois, (7, 7), 1 / 8, 2).sum().backward()
+    assert features.grad is not None and features.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(features.grad.float(), reference.grad, rtol=1e-2, atol=1e-2)

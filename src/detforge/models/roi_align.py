@@ -57,23 +57,23 @@ class _RoIAlign(torch.autograd.Function):
         aligned: bool,
     ) -> Tensor:
         ctx.save_for_backward(rois)
-        ctx.settings = (features.shape, output_size, spatial_scale, sampling_ratio, aligned)
+        ctx.settings = (features.shape, features.dtype, output_size, spatial_scale, sampling_ratio, aligned)
         return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (rois,) = ctx.saved_tensors
-        shape, output_size, spatial_scale, sampling_ratio, aligned = ctx.settings
+        shape, features_dtype, output_size, spatial_scale, sampling_ratio, aligned = ctx.settings
         batch, channels, height, width = shape
         if not ctx.needs_input_grad[0] or rois.numel() == 0:
-            return (grad.new_zeros(shape) if ctx.needs_input_grad[0] else None,) + (None,) * 5
+            return (grad.new_zeros(shape, dtype=features_dtype) if ctx.needs_input_grad[0] else None,) + (None,) * 5
         size = (batch, height, width)
         dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
         matrix = interpolation_matrix(rois, size, output_size, spatial_scale, sampling_ratio, aligned, dtype=dtype)
         per_bin = grad.permute(0, 2, 3, 1).reshape(-1, channels).to(dtype)  # (K*PH*PW, C)
         per_pixel = torch.sparse.mm(matrix, per_bin)  # (B*H*W, C)
         features_grad = per_pixel.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        return (features_grad.to(grad.dtype).contiguous(),) + (None,) * 5
+        return (features_grad.to(features_dtype).contiguous(),) + (None,) * 5
 
 
 def interpolation_matrix(
