@@ -10,7 +10,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from detforge.config import ModelConfig
 from detforge.models.build import build_model
-from detforge.models.roi_align import FastBackwardMultiScaleRoIAlign, roi_align_fast_backward
+from detforge.models.roi_align import FastBackwardMultiScaleRoIAlign, roi_align_fast_backward, use_fast_backward
 
 
 def random_rois(count: int, images: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -140,3 +140,23 @@ def test_bfloat16_features_under_autocast_get_a_bfloat16_gradient() -> None:
     roi_align(reference, rois, (7, 7), 1 / 8, 2).sum().backward()
     assert features.grad is not None and features.grad.dtype == torch.bfloat16
     torch.testing.assert_close(features.grad.float(), reference.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_single_level_pooler_and_which_poolers_are_swapped() -> None:
+    features = OrderedDict(p=torch.randn(1, 2, 16, 16, dtype=torch.float64))
+    boxes = [torch.tensor([[4.0, 4, 40, 50], [30, 10, 60, 30]], dtype=torch.float64)]
+    grads = []
+    for pooler in (FastBackwardMultiScaleRoIAlign(["p"], 5, 2), MultiScaleRoIAlign(["p"], 5, 2)):
+        inputs = OrderedDict(p=features["p"].clone().requires_grad_())
+        pooler(inputs, boxes, [(64, 64)]).sum().backward()
+        grads.append(inputs["p"].grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+    heads = torch.nn.Module()
+    heads.box_roi_pool = MultiScaleRoIAlign(["0"], 7, 0)  # adaptive sampling (Detectron2's): left alone
+    heads.keypoint_roi_pool = MultiScaleRoIAlign(["0"], 14, 2)
+    model = torch.nn.Module()
+    model.roi_heads = heads
+    assert use_fast_backward(model) == ["roi_heads.keypoint_roi_pool"]
+    assert type(heads.box_roi_pool) is MultiScaleRoIAlign
+    assert type(heads.keypoint_roi_pool) is FastBackwardMultiScaleRoIAlign

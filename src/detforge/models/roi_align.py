@@ -72,8 +72,8 @@ class _RoIAlign(torch.autograd.Function):
         matrix = interpolation_matrix(rois, size, output_size, spatial_scale, sampling_ratio, aligned, dtype=dtype)
         per_bin = grad.permute(0, 2, 3, 1).reshape(-1, channels).to(dtype)  # (K*PH*PW, C)
         per_pixel = torch.sparse.mm(matrix, per_bin)  # (B*H*W, C)
-        features_grad = per_pixel.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        return (features_grad.to(features_dtype).contiguous(),) + (None,) * 5
+        features_grad = per_pixel.reshape(batch, height, width, channels).permute(0, 3, 1, 2)  # channels-last
+        return (features_grad.to(features_dtype),) + (None,) * 5
 
 
 def interpolation_matrix(
@@ -125,22 +125,26 @@ def _axis_weights(
     steps = (torch.arange(sampling_ratio, dtype=torch.float64) + 0.5) / sampling_ratio
     position = torch.arange(bins, dtype=torch.float64)[None, :, None] + steps[None, None, :]
     coord = start[:, None, None] + position * bin_size[:, None, None]  # (K, bins, S)
-    inside = (coord >= -1.0) & (coord <= size)
-    coord = coord.clamp(min=0.0)
+    inside = (coord >= -1.0) & (coord <= size)  # False for NaN too
+    coord = torch.where(inside, coord, torch.zeros_like(coord)).clamp(min=0.0)  # skipped samples: any valid index
     low = coord.floor().long()
     at_edge = low >= size - 1
     low = torch.where(at_edge, torch.full_like(low, size - 1), low)
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
     indices = torch.cat([low, high], dim=-1)
-    weights = torch.cat([1.0 - frac, frac], dim=-1) * inside.repeat(1, 1, 2)
+    weights = torch.cat([1.0 - frac, frac], dim=-1)
+    weights = torch.where(inside.repeat(1, 1, 2), weights, torch.zeros_like(weights))
     return indices, weights
 
 
 class FastBackwardMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign``, with :func:`roi_align_fast_backward` when training on a CPU.
 
-    The same parameters, state and outputs; only the CPU backward pass differs (to float rounding).
+    The same parameters, state and outputs; only the CPU backward pass differs (to float rounding). Under
+    ``torch.compile``, FX or JIT tracing and ONNX export it is torchvision's pooler; ``torch.jit.script`` compiles
+    torchvision's pooler instead (``__prepare_scriptable__``), and PyTorch also puts that pooler back into the
+    scripted model object itself: script a copy of a model you will go on training.
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
@@ -171,6 +175,8 @@ class FastBackwardMultiScaleRoIAlign(MultiScaleRoIAlign):
         if _setup_scales is None or self.sampling_ratio <= 0 or not torch.is_grad_enabled():
             return False
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
+        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             return False
         feature = x[self.featmap_names[0]]
         return feature.device.type == "cpu" and feature.requires_grad
