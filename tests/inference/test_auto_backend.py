@@ -169,3 +169,18 @@ def test_the_export_cache_keeps_the_most_recently_used_exports(
     assert auto.cached_onnx_export(str(checkpoint), 0.5) == new and len(exported) == 1  # reused, not exported
     auto.cached_onnx_export(str(checkpoint), 0.25)  # another threshold: a new export, and one more pruned
     assert new.exists() and not old[-2].exists() and len(list(folder.glob("*.onnx"))) == auto.MAX_CACHED_EXPORTS
+
+
+def test_a_read_only_export_cache_is_still_used(
+    tmp_path: Path, _own_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    monkeypatch.setattr(export, "export_model", lambda model, out, **_: out.write_bytes(b"x"))
+    first = auto.cached_onnx_export(str(checkpoint), 0.5)
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(os, "utime", refuse)
+    assert auto.cached_onnx_export(str(checkpoint), 0.5) == first

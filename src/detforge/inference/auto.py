@@ -18,6 +18,7 @@ The decision and its reason go into the summary ``predict`` prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,10 @@ def cached_onnx_export(model: str, score_threshold: float, path: Path | None = N
 
     path = path or _cached_export_path(model, score_threshold)
     if path.is_file():
-        os.utime(path)  # used now: the last to be pruned
-        return path
+        with contextlib.suppress(OSError):  # a read-only cache, or pruned by another process just now
+            os.utime(path)  # used now: the last to be pruned
+        if path.is_file():
+            return path
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model(model, path, format="onnx", opset=EXPORT_OPSET, score_threshold=score_threshold)
     _prune_cache(path.parent, keep=MAX_CACHED_EXPORTS)
