@@ -73,9 +73,9 @@ def read_frames(path: str | os.PathLike[str]) -> Iterator[np.ndarray]:
 
 
 def read_timed_frames(path: str | os.PathLike[str]) -> Iterator[tuple[float, np.ndarray]]:
-    """``(time, frame)`` pairs of the first video stream, in order: the frame's presentation time in seconds (from
-    its timestamp, so variable frame rates come out right; index / frame rate when the file has no timestamps) and
-    its RGB uint8 pixels (H, W, 3).
+    """``(time, frame)`` pairs of the first video stream, in order: the frame's presentation time in seconds from
+    the first frame (from its timestamp, so variable frame rates come out right; a frame without a timestamp comes
+    one frame period after the one before) and its RGB uint8 pixels (H, W, 3).
 
     Raises:
         VideoError: the file cannot be opened, or decoding fails part-way (the message says after how many frames;
@@ -86,9 +86,14 @@ def read_timed_frames(path: str | os.PathLike[str]) -> Iterator[tuple[float, np.
         with av.open(str(path)) as container:
             stream = _video_stream(container, path)
             stream.thread_type = "SLICE"  # FIELD_NOTES: "AUTO" (frame threads) is slower on 2 cores
-            rate = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
+            period = 1.0 / float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
+            start, time = None, -period
             for frame in container.decode(stream):
-                time = frame.time if frame.time is not None else float(count / rate)
+                if frame.time is None:
+                    time += period
+                else:
+                    start = frame.time if start is None else start
+                    time = max(frame.time - start, time)  # never backwards (a frame without a timestamp before)
                 yield time, frame.to_ndarray(format="rgb24")
                 count += 1
     except av.FFmpegError as exc:
