@@ -118,3 +118,10 @@ def test_best_metrics_are_checked_before_training_starts(tiny_dataset: Path, tmp
     with pytest.raises(ConfigError, match=r"eval.best_metric: 'segm/AP' is not a metric of fasterrcnn_mobilenet"):
         detforge.train(config)
     assert not list((tmp_path / "run").glob("*.pt"))  # nothing trained
+
+
+def test_without_validation_data_best_metrics_are_not_checked(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        tiny_dataset, tmp_path / "run", data={"val": None}, train={"max_iter": 1}, eval={"best_metric": "segm/AP"}
+    )
+    assert detforge.train(config).iteration == 1  # nothing evaluates, so nothing uses the metric

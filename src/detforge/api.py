@@ -198,8 +198,8 @@ def train(
     sources = resolve_data_sources(cfg, log_plain_files=log_files)
     data = load_run_data(cfg, sources)
     with_masks, with_keypoints, iou_types = _task_needs(cfg, data)
-    if not callbacks:  # a callback of the caller's may report metrics of its own: then the first evaluation checks
-        _check_best_metrics(cfg, iou_types)
+    if data.val is not None and not callbacks:  # a caller's callback may report metrics of its own: then the
+        _check_best_metrics(cfg, iou_types)  # first evaluation checks; without validation data nothing uses them
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_run_model(cfg, data, device)
     schedule = scale_schedule(cfg.train, eval_period=cfg.eval.period, world_size=dist_info.world_size)
