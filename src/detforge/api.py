@@ -189,7 +189,7 @@ def train(
     With ``resume`` the run continues from the last checkpoint in ``output.dir``: the same weights, optimizer,
     schedule, RNG states and data order as if it had never stopped. ``callbacks`` run after the built-in ones.
     """
-    cfg = load_config(config, overrides)
+    cfg = _pin_model_weights(load_config(config, overrides))
     dist_info = init_distributed(resolve_device(cfg.train.device))
     device = resolve_device(cfg.train.device, dist_info)
     out_dir = Path(cfg.output.dir)
@@ -322,6 +322,16 @@ def _checkpoint_metadata(cfg: Config, data: RunData) -> dict[str, Any]:
     }
 
 
+def _pin_model_weights(cfg: Config) -> Config:
+    """``cfg`` with a ``model:NAME[@alias|latest]`` in ``model.weights`` pinned to its version (``model:NAME:vN``),
+    resolved once: the weights loaded, the parent recorded and the saved config name the same version even if the
+    alias moves meanwhile."""
+    pinned = _parent_model(cfg)
+    if pinned is None or pinned == cfg.model.weights:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": pinned})})
+
+
 def _parent_model(cfg: Config) -> str | None:
     """The exact ``model:NAME:vN`` that ``model.weights`` names, when it is a registry reference."""
     if not _registry.is_model_ref(cfg.model.weights):
@@ -406,7 +416,7 @@ def _result(trainer: Trainer, out_dir: Path) -> TrainResult:
 
 def evaluate(config: ConfigLike, overrides: list[str] | None = None) -> EvalResult:
     """Evaluate ``model.weights`` on ``data.val``; results go to ``output.dir/eval``."""
-    cfg = load_config(config, overrides)
+    cfg = _pin_model_weights(load_config(config, overrides))
     if not cfg.model.weights:
         raise ConfigError("evaluate needs model.weights (a checkpoint path, URL or torchvision name).")
     if not cfg.data.val:

@@ -67,6 +67,7 @@ def test_two_stage_fine_tune_lineage_lists_every_ancestor(
     final = get_model_version("model:stage2", store=store)
     parent = get_model_version("model:stage1@best-bbox-AR100", store=store)
     assert final.parent == parent.ref and final.datasets == {"train": "dataset:shapes:v3", "val": "dataset:shapes:v3"}
+    assert f"weights: {parent.ref}" in (tmp_path / "stage2" / "config.yaml").read_text()  # the alias, pinned once
 
     tree = run("lineage", "model:stage2", "--mermaid", tmp_path / "l.md", "--png", tmp_path / "l.png")
     for ref in ("dataset:shapes:v1", "dataset:shapes:v2", "dataset:shapes:v3", parent.ref, final.ref):
