@@ -326,17 +326,18 @@ def _pin_model_weights(cfg: Config) -> Config:
     """``cfg`` with a ``model:NAME[@alias|latest]`` in ``model.weights`` pinned to its version (``model:NAME:vN``),
     resolved once: the weights loaded, the parent recorded and the saved config name the same version even if the
     alias moves meanwhile."""
-    pinned = _parent_model(cfg)
-    if pinned is None or pinned == cfg.model.weights:
+    if not _registry.is_model_ref(cfg.model.weights):
+        return cfg
+    pinned = _registry.get_model_version(str(cfg.model.weights), store=open_store(cfg.tracking.uri)).ref
+    if pinned == cfg.model.weights:
         return cfg
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": pinned})})
 
 
 def _parent_model(cfg: Config) -> str | None:
-    """The exact ``model:NAME:vN`` that ``model.weights`` names, when it is a registry reference."""
-    if not _registry.is_model_ref(cfg.model.weights):
-        return None
-    return _registry.get_model_version(str(cfg.model.weights), store=open_store(cfg.tracking.uri)).ref
+    """The exact ``model:NAME:vN`` that ``model.weights`` names (pinned by :func:`_pin_model_weights`), when it is a
+    registry reference."""
+    return str(cfg.model.weights) if _registry.is_model_ref(cfg.model.weights) else None
 
 
 def _report(cfg: Config, gt: Dataset, result: EvalResult, folder: Path, *, title: str, **context: str) -> None:
