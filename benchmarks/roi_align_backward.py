@@ -24,11 +24,9 @@ from torchvision.ops import roi_align
 
 from detforge.config import ModelConfig
 from detforge.data.synth import synth_image
+from detforge.demo import CPU_RCNN
 from detforge.models.build import build_model
 from detforge.models.roi_align import roi_align_fast_backward
-
-CPU_RCNN = {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
-            "box_head_fc_dim": 256, "mask_head_conv_dim": 128, "mask_head_num_conv": 2}  # fmt: skip
 
 
 def op_seconds(fn: Callable[..., torch.Tensor], rois: int, output: int, repeats: int) -> float:
