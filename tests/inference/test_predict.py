@@ -20,7 +20,7 @@ from detforge.data.formats.coco import load_coco
 from detforge.errors import ConfigError
 from detforge.inference.predictor import Predictor
 from detforge.inference.run import expand_inputs, predict
-from detforge.inference.video import VideoWriter, probe_video, read_frames
+from detforge.inference.video import VideoWriter, probe_video, read_frames, read_timed_frames
 from detforge.tracking.store import TrackingError
 
 VideoFactory = Callable[[Path, int], Path]
@@ -118,7 +118,37 @@ def test_frame_times_of_a_variable_frame_rate_video_come_from_its_timestamps(che
     predict(checkpoint, [video], tmp_path / "out", precision="fp32")
     lines = [json.loads(line) for line in (tmp_path / "out" / "vfr.jsonl").read_text().splitlines()]
     assert [line["frame"] for line in lines] == list(range(6))
-    assert [line["time"] for line in lines] == pytest.approx([(ms - 1000) / 1000 for ms in milliseconds])
+    expected = [(ms - 1000) / 1000 for ms in milliseconds]
+    assert [line["time"] for line in lines] == pytest.approx(expected)
+    # the annotated mp4 keeps the source's timing instead of spreading the frames at a constant rate
+    assert [time for time, _ in read_timed_frames(tmp_path / "out" / "vfr.mp4")] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_frames_written_with_times_decode_back_at_those_times(
+    codec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV has no {codec} encoder")
+    if codec == "mpeg4":  # the fallback taken when libx264 is missing
+        monkeypatch.setattr(av, "codecs_available", av.codecs_available - {"libx264"})
+    times = [0.0, 0.5, 0.52, 0.52, 2.0, 30000 / 1001]  # a repeated time is shown one tick (1/60000 s) later
+    with VideoWriter(tmp_path / "timed.mp4", fps=25) as writer:
+        for k, time in enumerate(times):
+            writer.write(np.full((48, 64, 3), 30 * k, np.uint8), time)
+    assert writer.codec == codec
+    decoded = list(read_timed_frames(tmp_path / "timed.mp4"))
+    assert [time for time, _ in decoded] == pytest.approx([0.0, 0.5, 0.52, 0.52 + 1 / 60000, 2.0, 30000 / 1001])
+    assert [int(frame.mean()) for _, frame in decoded] == pytest.approx([30 * k for k in range(6)], abs=3)
+
+
+def test_a_video_writer_refuses_frames_with_and_without_times_mixed(tmp_path: Path) -> None:
+    frame = np.zeros((48, 64, 3), np.uint8)
+    mixed = "frame 1 was written without a time"
+    with pytest.raises(ValueError, match=mixed), VideoWriter(tmp_path / "m.mp4") as writer:
+        writer.write(frame, 0.0)
+        writer.write(frame)
+    assert not (tmp_path / "m.mp4").exists()  # the partial file is dropped
 
 
 def test_a_truncated_video_is_named_and_the_rest_is_still_processed(

@@ -354,7 +354,7 @@ def _predict_video(
                 found_in_batch = predictor.predict([frame for _, frame in batch])
                 for (time, frame), found in zip(batch, found_in_batch, strict=True):
                     found = _filtered(found, keep)
-                    writer.write(np.asarray(_draw(frame, found)))
+                    writer.write(np.asarray(_draw(frame, found)), time)
                     record = {"frame": frame_index, "time": round(time, 4), "detections": found.to_json()}
                     lines.write(orjson.dumps(record) + b"\n")
                     frame_index += 1

@@ -32,6 +32,9 @@ __all__ = [
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 DEFAULT_FPS = Fraction(25)
+# Time base of videos written with frame times: 1/60000 s holds the frame periods of 24, 25, 30, 50 and 60 fps and
+# of NTSC's 30000/1001 exactly, and fits MPEG-4 Part 2's 16-bit time bases.
+TIMED_TIME_BASE = Fraction(1, 60000)
 
 
 def is_video_file(path: Path) -> bool:
@@ -110,7 +113,9 @@ def _video_stream(container: av.container.InputContainer, path: str | os.PathLik
 class VideoWriter:
     """Encodes RGB frames into ``path`` (mp4), atomically: the file appears only when :meth:`close` succeeds.
 
-    The frame size is fixed by the first frame; odd sizes are padded to even (yuv420p needs even sizes).
+    The frame size is fixed by the first frame; odd sizes are padded to even (yuv420p needs even sizes). Frames
+    are shown ``1 / fps`` apart, unless :meth:`write` is given each frame's time: then they keep those times, so a
+    variable-frame-rate source comes out with its own timing (``fps`` is then only the nominal rate).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fps: Fraction | float = DEFAULT_FPS, crf: int = 23) -> None:
@@ -123,14 +128,31 @@ class VideoWriter:
         self._stream: av.VideoStream | None = None
         self.codec = ""
         self.frames = 0
+        self._timed: bool | None = None  # fixed by the first write
+        self._last_pts = -1
 
-    def write(self, frame: np.ndarray) -> None:
-        """Append one RGB uint8 frame (H, W, 3)."""
+    def write(self, frame: np.ndarray, time: float | None = None) -> None:
+        """Append one RGB uint8 frame (H, W, 3), shown at ``time`` seconds from the start if given.
+
+        Give a time to every frame or to none. Times must not go backwards; a frame whose time is not after the
+        previous frame's (to the time base, 1/60000 s) is shown one tick after it.
+        """
+        timed = time is not None
+        if self._timed is None:
+            self._timed = timed
+        elif timed != self._timed:
+            raise ValueError(
+                f"{self.path}: frame {self.frames} was written {'with' if timed else 'without'} a time, the frames "
+                f"before {'without' if timed else 'with'} one; give a time to every frame or to none."
+            )
         if self._container is None:
             self._open(frame.shape[1], frame.shape[0])
         assert self._stream is not None and self._container is not None
         frame = _pad_even(frame)
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if time is not None:
+            self._last_pts = max(round(time / TIMED_TIME_BASE), self._last_pts + 1)
+            video_frame.pts, video_frame.time_base = self._last_pts, TIMED_TIME_BASE
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
         self.frames += 1
@@ -141,6 +163,8 @@ class VideoWriter:
         stream = self._container.add_stream(self.codec, rate=self.fps)
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
+        if self._timed:
+            stream.codec_context.time_base = TIMED_TIME_BASE
         if self.codec == "libx264":
             stream.options = {"crf": str(self.crf), "preset": "veryfast"}
         self._stream = stream
