@@ -494,3 +494,20 @@ def test_merge_property(inputs: list[list[list[str]]]) -> None:
         prefix = f"{k}/" if len(datasets) > 1 else ""
         expected |= {prefix + f: v for f, v in names_by_image(ds).items()}
     assert names_by_image(out) == expected
+
+
+def test_merge_joins_licenses_by_content_and_images_follow_theirs() -> None:
+    cc_by = {"name": "CC BY 4.0", "url": "https://creativecommons.org/licenses/by/4.0/"}
+    a, b = make_dataset([["cat"], ["cat"]]), make_dataset([["dog"], ["dog"], ["dog"]], root="/data/b")
+    a.licenses = [{"id": 1, "name": "own photos"}, {"id": 2, **cc_by}]
+    b.licenses = [{"id": 7, **cc_by}, {"id": 8, "name": "bought"}, "a note without an id"]
+    a.images = [replace(a.images[0], license=2), replace(a.images[1], license=1)]
+    b.images = [replace(b.images[0], license=7), replace(b.images[1], license=8), replace(b.images[2], license=3)]
+    out, op = merge([a, b])
+
+    joined = [{"id": 1, "name": "own photos"}, {"id": 2, **cc_by}, {"id": 3, "name": "bought"}, "a note without an id"]
+    assert out.licenses == joined
+    assert [img.license for img in out.images] == [2, 1, 2, 3, None]  # b's license 3 was never listed
+    assert op.summary.endswith("; 1 images named a license their input does not list (cleared)")
+    out, op = merge([make_dataset([["cat"]]), make_dataset([["cat"]], root="/data/b")])
+    assert out.licenses is msgspec.UNSET and "license" not in op.summary

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+import msgspec
 from msgspec import UnsetType
 from msgspec.structs import replace
 
@@ -441,7 +442,10 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
     relative to it, so equal names in different folders stay apart. Two images with the same path (the same
     root and ``file_name`` in two inputs) are the same picture: it is kept once with the annotations of both,
     an annotation identical to one already there (category, box, segmentation) is dropped, and both counts
-    are in the summary. ``info`` and ``licenses`` come from the first dataset.
+    are in the summary. ``info`` comes from the first dataset. Licenses are joined by content (a license with
+    the same fields but its ``id`` in two inputs is one license) and renumbered from 1, and each image's
+    ``license`` follows its license; an image naming a license its input does not list has it cleared, counted
+    in the summary.
 
     Args:
         datasets: the inputs, in order.
@@ -455,13 +459,16 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
         raise DatasetError("merge: give at least one dataset.")
     labels = _check_input_names(names, len(datasets))
     categories, category_maps = _merge_categories(datasets, labels)
+    licenses, license_maps = _merge_licenses(datasets)
+    unknown_licenses = 0
     root, prefixes = _common_root(datasets, labels)
     images: list[Image] = []
     annotations: list[Annotation] = []
     paths: dict[str, Image] = {}
     earlier: set[tuple[int, int, tuple[float, ...], bytes]] = set()  # annotations of earlier inputs
     duplicates = repeated = 0
-    for ds, label, prefix, category_map in zip(datasets, labels, prefixes, category_maps, strict=True):
+    per_input = zip(datasets, labels, prefixes, category_maps, license_maps, strict=True)
+    for ds, label, prefix, category_map, license_map in per_input:
         image_map: dict[int, int] = {}
         shared: set[int] = set()
         added: set[tuple[int, int, tuple[float, ...], bytes]] = set()
@@ -475,7 +482,9 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
                 shared.add(known.id)
                 continue
             image_map[img.id] = len(images) + 1
-            images.append(replace(img, id=len(images) + 1, file_name=file_name))
+            license_id = None if img.license is None else license_map.get(img.license)
+            unknown_licenses += img.license is not None and license_id is None
+            images.append(replace(img, id=len(images) + 1, file_name=file_name, license=license_id))
             paths[file_name] = images[-1]
         for ann in ds.annotations:
             image_id = image_map.get(ann.image_id)
@@ -499,7 +508,7 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
     first = datasets[0]
     out = Dataset(
         info=first.info,
-        licenses=list(first.licenses) if isinstance(first.licenses, list) else UNSET,
+        licenses=licenses,
         image_root=root,
         images=images,
         annotations=annotations,
@@ -520,7 +529,35 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
             f"; {duplicates:,} images were in more than one input (kept once with the annotations of both; "
             f"{repeated:,} identical annotations dropped)"
         )
+    if unknown_licenses:
+        summary += f"; {unknown_licenses:,} images named a license their input does not list (cleared)"
     return out, Operation("merge", {"names": list(labels)}, summary)
+
+
+def _merge_licenses(datasets: Sequence[Dataset]) -> tuple[list[Any] | UnsetType, list[dict[int, int]]]:
+    """The joined license list (UNSET when no input has one) and, per input, its old license id -> new id.
+
+    Licenses with an integer ``id`` are joined by their other fields; entries without one cannot be referred to
+    by an image and are kept once each, as they are.
+    """
+    merged: list[Any] = []
+    by_content: dict[bytes, int] = {}
+    maps: list[dict[int, int]] = []
+    for ds in datasets:
+        mapping: dict[int, int] = {}
+        for entry in ds.licenses if isinstance(ds.licenses, list) else []:
+            if not (isinstance(entry, dict) and isinstance(entry.get("id"), int)):
+                if entry not in merged:
+                    merged.append(entry)
+                continue
+            key = msgspec.json.encode({k: v for k, v in entry.items() if k != "id"}, order="sorted")
+            if key not in by_content:
+                by_content[key] = len(by_content) + 1
+                merged.append({**entry, "id": by_content[key]})
+            mapping[entry["id"]] = by_content[key]
+        maps.append(mapping)
+    has_licenses = any(isinstance(ds.licenses, list) for ds in datasets)
+    return (merged if has_licenses else UNSET), maps
 
 
 def _check_same_size(known: Image, img: Image, label: str) -> None:
