@@ -174,9 +174,9 @@ def test_onnx_runtime_predicts_what_pytorch_predicts(
     entered = []
     patch = export_module._box_decoding_for_any_count
 
-    def spy() -> Any:
+    def spy(model: torch.nn.Module) -> Any:
         entered.append(True)
-        return patch()
+        return patch(model)
 
     monkeypatch.setattr(export_module, "_box_decoding_for_any_count", spy)
     exported = export_model(checkpoint, tmp_path / "model.onnx")
@@ -298,7 +298,9 @@ def test_box_decoding_traced_on_no_boxes_holds_for_any_count() -> None:
 
     from detforge.inference.export import _box_decoding_for_any_count
 
-    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    coder, other = BoxCoder((10.0, 10.0, 5.0, 5.0)), BoxCoder((10.0, 10.0, 5.0, 5.0))
+    model = torch.nn.Sequential(torch.nn.Module())
+    model[0].box_coder = coder  # where R-CNN heads keep theirs: an attribute of a submodule
 
     def decode(codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return coder.decode(codes, [boxes])
@@ -308,8 +310,10 @@ def test_box_decoding_traced_on_no_boxes_holds_for_any_count() -> None:
     codes = torch.randn(5, 16)
     frozen = torch.jit.trace(decode, empty, check_trace=False)
     assert frozen(codes, boxes).shape == (5, 16)  # torchvision's decode: the empty case is frozen into the graph
-    with _box_decoding_for_any_count():
+    with _box_decoding_for_any_count(model):
         traced = torch.jit.trace(decode, empty, check_trace=False)
-    assert BoxCoder.decode.__name__ == "decode" and "box_sum" in BoxCoder.decode.__code__.co_varnames  # restored
+        assert "decode" not in vars(other)  # another model's coder keeps torchvision's decode meanwhile
+    assert "decode" not in vars(coder)  # torchvision's decode again
+    assert "box_sum" in BoxCoder.decode.__code__.co_varnames  # the class itself was never touched
     torch.testing.assert_close(traced(codes, boxes), coder.decode(codes, [boxes]))
     assert traced(*empty).shape == (0, 4, 4)

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import tempfile
+import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -288,7 +289,7 @@ def _onnx_bytes(model: nn.Module, info: ExportMetadata, opset: int) -> bytes:
         dynamic_axes["masks"] = {0: "detections", 2: "height", 3: "width"}
     # eval(): the exporter restores the wrapper's training flag afterwards, and a new Module starts in training.
     wrapper = _SingleImage(model, names).eval()
-    with tempfile.TemporaryDirectory(prefix="detforge-export-") as folder, _box_decoding_for_any_count():
+    with tempfile.TemporaryDirectory(prefix="detforge-export-") as folder, _box_decoding_for_any_count(model):
         path = Path(folder) / "model.onnx"
         torch.onnx.export(
             wrapper, (_trace_image(model),), str(path), dynamo=False, opset_version=opset,
@@ -322,26 +323,30 @@ def _export_metadata(model: nn.Module, metadata: dict[str, Any], *, source: str,
 
 
 @contextmanager
-def _box_decoding_for_any_count() -> Iterator[None]:
-    """While exporting, decode boxes without torchvision's ``if box_sum > 0`` branch.
+def _box_decoding_for_any_count(model: nn.Module) -> Iterator[None]:
+    """While exporting ``model``, its box coders decode without torchvision's ``if box_sum > 0`` branch.
 
     ``BoxCoder.decode`` reshapes its output to ``(N, K, 4)`` only when there are boxes, a Python branch that the
     tracer freezes. A trained model's RPN keeps no proposal on the noise trace image, so the graph was traced on
     the empty case and kept ``(N, 4K)`` boxes: on real images ONNX Runtime then failed ("cannot reshape {137,15}
     to {-1,4}"). This decode always reshapes, with ``N`` read from the tensor, so the graph holds for any count.
+    Only the coders of ``model`` change, and only until the block ends: other models, in other threads too, keep
+    torchvision's decode.
     """
-    original = BoxCoder.decode
-
-    def decode(self: BoxCoder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        concat = torch.cat(boxes, dim=0)
-        decoded = self.decode_single(rel_codes.reshape(concat.shape[0], rel_codes.shape[-1]), concat)
-        return decoded.reshape(concat.shape[0], decoded.shape[-1] // 4, 4)
-
-    BoxCoder.decode = decode  # type: ignore[method-assign]
+    coders = [v for m in model.modules() for v in vars(m).values() if isinstance(v, BoxCoder)]
+    for coder in coders:
+        coder.decode = types.MethodType(_decode_any_count, coder)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        BoxCoder.decode = original  # type: ignore[method-assign]
+        for coder in coders:
+            del coder.decode
+
+
+def _decode_any_count(self: BoxCoder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    concat = torch.cat(boxes, dim=0)
+    decoded = self.decode_single(rel_codes.reshape(concat.shape[0], rel_codes.shape[-1]), concat)
+    return decoded.reshape(concat.shape[0], decoded.shape[-1] // 4, 4)
 
 
 def _trace_image(model: Any) -> torch.Tensor:  # Any: torchvision's parts are dynamic attributes
