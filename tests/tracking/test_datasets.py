@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -13,8 +14,13 @@ from detforge.cli.main import app
 from detforge.data.curation import filter_categories
 from detforge.data.formats.coco import load_coco, save_coco
 from detforge.errors import DatasetError
+from detforge.tracking import datasets as datasets_module
 from detforge.tracking.datasets import (
+    KIND_DATASET,
     TAG_ALIAS,
+    TAG_KIND,
+    TAG_NAME,
+    TAG_VERSION,
     content_digest,
     get_dataset_version,
     list_dataset_versions,
@@ -23,7 +29,7 @@ from detforge.tracking.datasets import (
     resolve_dataset_path,
     set_dataset_alias,
 )
-from detforge.tracking.store import Store, TrackingError
+from detforge.tracking.store import DATASETS_EXPERIMENT, Store, TrackingError
 
 runner = CliRunner()
 
@@ -280,3 +286,68 @@ def test_cli_log_imports_other_formats_first(store: Store, tiny_dataset: Path) -
     text = run("data", "log", "tiny", tiny_dataset, "--format", "coco", "--images", tiny_dataset.parent / "images")
     assert "logged dataset:tiny:v1 (4 images stored" in text
     assert "unchanged: dataset:tiny:v1" in run("data", "log", "tiny", tiny_dataset)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# concurrent writers
+
+
+def _rival_run(store: Store, name: str, number: int) -> str:
+    """A run another writer has just created for version ``number`` of ``name`` (still being written)."""
+    client = store.client()
+    experiment = store.experiment_id(DATASETS_EXPERIMENT)
+    tags = {TAG_KIND: KIND_DATASET, TAG_NAME: name, TAG_VERSION: str(number)}
+    return client.create_run(experiment, run_name=f"{name}:v{number}", tags=tags).info.run_id
+
+
+def test_a_version_still_being_written_keeps_its_number(store: Store, tiny_dataset: Path) -> None:
+    _rival_run(store, "tiny", 1)  # another process is uploading v1
+    version = log_dataset("tiny", tiny_dataset, store=store)
+    assert version.ref == "dataset:tiny:v2"
+    assert get_dataset_version("dataset:tiny", store=store).ref == "dataset:tiny:v2"  # the latest finished one
+
+
+def test_a_writer_that_took_a_number_at_the_same_moment_as_another_withdraws(
+    store: Store, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client_type = type(store.client())
+    create_run = client_type.create_run
+    rivals: list[str] = []
+
+    def create_with_a_rival(self: object, experiment_id: str, *args: object, **kwargs: Any) -> object:
+        tags = kwargs.get("tags") or {}
+        if tags.get(TAG_NAME) == "tiny" and not rivals:  # the other writer counted at the same moment
+            monkeypatch.setattr(client_type, "create_run", create_run)
+            rivals.append(_rival_run(store, "tiny", int(tags[TAG_VERSION])))
+            monkeypatch.setattr(client_type, "create_run", create_with_a_rival)
+        return create_run(self, experiment_id, *args, **kwargs)
+
+    monkeypatch.setattr(client_type, "create_run", create_with_a_rival)
+    monkeypatch.setattr(datasets_module.time, "sleep", lambda seconds: None)
+    version = log_dataset("tiny", tiny_dataset, store=store)
+    assert rivals and version.ref == "dataset:tiny:v2"  # v1 went to the rival; our withdrawn run is deleted
+    experiment = store.experiment_id(DATASETS_EXPERIMENT)
+    runs = store.client().search_runs([experiment], f"tags.`{TAG_NAME}` = 'tiny'")
+    assert sorted(r.data.tags[TAG_VERSION] for r in runs) == ["1", "2"]
+
+
+def test_a_writer_that_never_gets_a_number_says_so(
+    store: Store, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client_type = type(store.client())
+    create_run = client_type.create_run
+
+    def always_a_rival(self: object, experiment_id: str, *args: object, **kwargs: Any) -> object:
+        monkeypatch.setattr(client_type, "create_run", create_run)
+        _rival_run(store, "tiny", int((kwargs.get("tags") or {})[TAG_VERSION]))
+        monkeypatch.setattr(client_type, "create_run", always_a_rival)
+        return create_run(self, experiment_id, *args, **kwargs)
+
+    monkeypatch.setattr(client_type, "create_run", always_a_rival)
+    monkeypatch.setattr(datasets_module.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(datasets_module, "CLAIM_ATTEMPTS", 3)
+    with pytest.raises(TrackingError, match="another writer took each new version number 3 times"):
+        log_dataset("tiny", tiny_dataset, store=store)
+    experiment = store.experiment_id(DATASETS_EXPERIMENT)
+    runs = store.client().search_runs([experiment], f"tags.`{TAG_NAME}` = 'tiny'")
+    assert sorted(int(r.data.tags[TAG_VERSION]) for r in runs) == [1, 2, 3]  # the rivals' runs; ours were deleted

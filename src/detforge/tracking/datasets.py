@@ -21,10 +21,12 @@ import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import shutil
 import sqlite3
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +75,7 @@ KIND_DATASET = "dataset"
 KIND_BLOBS = "dataset-blobs"
 LATEST = "latest"
 MANIFEST_FORMAT = 1
+CLAIM_ATTEMPTS = 20  # tries to take a new version number while other writers take them too
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _NAME_RE = re.compile(_NAME + r"\Z")
@@ -203,9 +206,9 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _search(client: MlflowClient, experiment: str, condition: str = "") -> list[Run]:
-    """Finished dataset runs matching ``condition``, every page."""
-    query = f"tags.`{TAG_KIND}` = '{KIND_DATASET}' and attributes.status = 'FINISHED'"
+def _search(client: MlflowClient, experiment: str, condition: str = "", *, finished: bool = True) -> list[Run]:
+    """Dataset runs matching ``condition`` (only finished ones unless ``finished`` is False), every page."""
+    query = f"tags.`{TAG_KIND}` = '{KIND_DATASET}'" + (" and attributes.status = 'FINISHED'" if finished else "")
     query += f" and {condition}" if condition else ""
     runs: list[Run] = []
     token = None
@@ -365,16 +368,11 @@ def log_dataset(
             client.set_tag(version.run_id, TAG_REFERENCE, "false")
             version = replace(version, reference=False)
     else:
-        number = 1 + max(
-            (int(r.data.tags[TAG_VERSION]) for r in _search(client, experiment, f"tags.`{TAG_NAME}` = '{name}'")),
-            default=0,
-        )
         run_id = _log_version(
             store,
             ds,
             hashes,
             name=name,
-            number=number,
             digest=digest,
             reference=reference,
             parents=parent_refs,
@@ -404,7 +402,6 @@ def _log_version(
     hashes: list[tuple[str, int]],
     *,
     name: str,
-    number: int,
     digest: str,
     reference: bool,
     parents: list[str],
@@ -415,14 +412,13 @@ def _log_version(
     tags = {
         TAG_KIND: KIND_DATASET,
         TAG_NAME: name,
-        TAG_VERSION: str(number),
         TAG_DIGEST: digest,
         TAG_PARENTS: json.dumps(parents),
         TAG_REFERENCE: "true" if reference else "false",
     }
     if operation is not None:
         tags[TAG_OPERATION] = json.dumps({"name": operation["name"], "params": operation.get("params", {})})
-    run_id = client.create_run(experiment, run_name=f"{name}:v{number}", tags=tags).info.run_id
+    run_id, number = _claim_version(client, experiment, name, tags)
     try:
         _write_content(store, run_id, ds, hashes, digest=digest, reference=reference, operation=operation)
         _log_params(client, run_id, ds)
@@ -433,6 +429,30 @@ def _log_version(
         client.delete_run(run_id)
         raise
     return run_id
+
+
+def _claim_version(client: MlflowClient, experiment: str, name: str, tags: dict[str, str]) -> tuple[str, int]:
+    """Create the run of the next version of ``name``; return its id and number. Two writers never get one number.
+
+    The number is one more than any version's, finished or still being written. Right after creating its run, a
+    writer looks for another run with that number: if there is one, both may have counted at once, so it deletes
+    its own run, waits a random moment and counts again. Two runs can then never both keep a number: the later
+    of the two creations comes after the other's run exists, so that writer sees the other and withdraws.
+    """
+    for attempt in range(CLAIM_ATTEMPTS):
+        named = _search(client, experiment, f"tags.`{TAG_NAME}` = '{name}'", finished=False)
+        number = 1 + max((int(r.data.tags[TAG_VERSION]) for r in named), default=0)
+        run_tags = {**tags, TAG_VERSION: str(number)}
+        run_id = client.create_run(experiment, run_name=f"{name}:v{number}", tags=run_tags).info.run_id
+        condition = f"tags.`{TAG_NAME}` = '{name}' and tags.`{TAG_VERSION}` = '{number}'"
+        if [r.info.run_id for r in _search(client, experiment, condition, finished=False)] == [run_id]:
+            return run_id, number
+        client.delete_run(run_id)
+        time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+    raise TrackingError(
+        f"dataset '{name}': another writer took each new version number {CLAIM_ATTEMPTS} times in a row while "
+        "this one was logging. Log it again once the other writers are done."
+    )
 
 
 def _write_content(
