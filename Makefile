@@ -25,6 +25,7 @@ demo: $(STAMP)
 # processes finish the suite in a bit over half the time of one. Each test file runs whole on one worker.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:

@@ -393,4 +393,4 @@ def test_mirroring_test_exists(node: str) -> None:
 def test_make_targets_run_the_demo_and_the_suite() -> None:
     done = subprocess.run(["make", "-n", "demo", "test"], cwd=REPO, capture_output=True, text=True, check=True)
     assert ".venv/bin/detforge demo" in done.stdout
-    assert "ruff check src tests" in done.stdout and "-m pytest" in done.stdout
+    assert "ruff check src tests" in done.stdout and "mypy src" in done.stdout and "-m pytest" in done.stdout

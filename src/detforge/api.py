@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def build_run_model(cfg: Config, data: RunData, device: torch.device) -> nn.Modu
 
 
 def train(
-    config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False, callbacks: list[Callback] = ()
+    config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False, callbacks: Sequence[Callback] = ()
 ) -> TrainResult:
     """Train as ``config`` says (a Config, a YAML path or a dict, plus dotted overrides).
 

@@ -59,12 +59,13 @@ def _ends_values(token: str) -> bool:
 class DetforgeGroup(TyperGroup):
     """Expands greedy options and turns detforge errors into one red line and exit code 2."""
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+    # typer.Context: a subclass of the Context these methods take (typer's vendored click, a private module)
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         if ctx.parent is None:
             args = expand_greedy_options(args)
         return super().parse_args(ctx, args)
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except DetforgeError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from rich.console import Console
 
@@ -20,5 +21,5 @@ class LazyConsole:
     """Forwards to a console made at each use, so the width follows the environment at the time of printing
     (``COLUMNS`` set after import, output redirected by a test runner)."""
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:  # Any: whatever rich.Console has under that name
         return getattr(make_console(), name)

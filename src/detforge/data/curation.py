@@ -518,10 +518,10 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
         f"{label}: {len(ds.images):,} images" for label, ds in zip(labels, datasets, strict=True)
     )
     inputs_per_name = Counter(c.name for ds in datasets for c in ds.categories)
-    shared = sum(1 for n in inputs_per_name.values() if n > 1)
+    in_several = sum(1 for n in inputs_per_name.values() if n > 1)
     summary = (
         f"merged {len(datasets)} datasets ({inputs}) into {len(images):,} images, {len(annotations):,} "
-        f"annotations, {len(categories)} categories ({shared} in more than one input)"
+        f"annotations, {len(categories)} categories ({in_several} in more than one input)"
         + (f" under {root}" if isinstance(root, str) else "")
     )
     if duplicates:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import msgspec
 import numpy as np
@@ -58,7 +58,8 @@ def _check_categories(ds: Dataset, report: Report, source: str) -> dict[int, int
     ids, dupes = _unique(c.id for c in ds.categories)
     for i in sorted(dupes):
         report.error("duplicate category id", f"{source}, category {i}")
-    names, dupe_names = set(), set()
+    names: set[str] = set()
+    dupe_names: set[str] = set()
     for c in ds.categories:
         (dupe_names if c.name in names else names).add(c.name)
         if not c.name.strip():
@@ -225,7 +226,7 @@ def _check_segmentation(ann: Annotation, img: Image, report: _AnnotationReport, 
         report.error("bad segmentation", where, f"expected polygons or RLE, found {type(value).__name__}")
 
 
-def _check_polygons(ann: Annotation, polys: list[object], report: _AnnotationReport, where: str) -> None:
+def _check_polygons(ann: Annotation, polys: Sequence[object], report: _AnnotationReport, where: str) -> None:
     area = 0.0
     for k, poly in enumerate(polys):
         if not isinstance(poly, list) or not all(_is_number(v) for v in poly):

@@ -56,7 +56,8 @@ def scale_schedule(train: TrainConfig, *, eval_period: int, world_size: int = 1)
 
 def build_optimizer(model: nn.Module, train: TrainConfig, *, lr: float) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over trainable parameters; no weight decay on norms and biases."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -93,13 +93,14 @@ class Trainer:
     def run_step(self) -> StepOutput:
         """One optimizer step over ``accumulate`` batches; raises TrainingError on a non-finite loss."""
         start = time.perf_counter()
-        data_time, totals = 0.0, {}
+        data_time = 0.0
+        totals: dict[str, float] = {}
         for micro in range(self.accumulate):
             fetched = time.perf_counter()
             images, targets = self._to_device(next(self._batches))  # type: ignore[arg-type]
             data_time += time.perf_counter() - fetched
             sync = micro == self.accumulate - 1 or not hasattr(self.model, "no_sync")
-            with contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast():
+            with contextlib.nullcontext() if sync else cast(Any, self.model).no_sync(), self._autocast():
                 losses = self.model(images, targets)
             loss = sum(losses.values())
             self._check_finite(loss, losses)
@@ -129,11 +130,10 @@ class Trainer:
 
     def _to_device(self, batch: Batch) -> Batch:
         images, targets = batch
-        move = {"non_blocking": True}
-        return (
-            [im.to(self.device, **move) for im in images],
-            [{k: v.to(self.device, **move) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets],
-        )
+        def move(value: Any) -> Any:
+            return value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
+
+        return [move(im) for im in images], [{k: move(v) for k, v in t.items()} for t in targets]
 
     def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
         if math.isfinite(float(loss.detach())):
@@ -197,7 +197,7 @@ class Trainer:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ def predict_batches(
     predictions: list[dict[str, torch.Tensor]] = []
     image_ids: list[int] = []
     try:
-        for images, targets in track(loader, description, total=len(loader) if hasattr(loader, "__len__") else None):
+        for images, targets in track(loader, description, total=len(loader) if isinstance(loader, Sized) else None):
             outputs = model([im.to(device, non_blocking=True) for im in images])
             predictions += [{k: v.cpu() for k, v in out.items()} for out in outputs]
             image_ids += [int(t["image_id"]) for t in targets]

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ class Predictor:
         if self.precision == "bf16" and hasattr(self.model, "backbone"):
             # Only the backbone (most of the time) runs in bf16; proposals, box decoding, NMS and mask pasting stay
             # fp32, so boxes and scores keep their precision (bf16 would round coordinates to 4 px above 512).
-            self.model.backbone = Bf16Backbone(self.model.backbone, self.device.type)
+            self.model.backbone = Bf16Backbone(cast(nn.Module, self.model.backbone), self.device.type)
         self.class_names = list(class_names)
         self.score_threshold = score_threshold
         self.source = source

@@ -121,7 +121,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Inputs:
         else:
             raise ConfigError(f"{text}: no such file or folder.")
     if not images and not videos:
-        raise ConfigError(f"no image or video found in {', '.join(map(os.fspath, inputs))}.")
+        raise ConfigError(f"no image or video found in {', '.join(os.fspath(i) for i in inputs)}.")
     return Inputs(list(dict.fromkeys(images)), list(dict.fromkeys(videos)))
 
 

@@ -161,6 +161,8 @@ class VideoWriter:
         self._container = av.open(str(self._tmp), mode="w", format="mp4")
         self.codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = self._container.add_stream(self.codec, rate=self.fps)
+        if not isinstance(stream, av.VideoStream):
+            raise VideoError(f"{self.path}: PyAV's '{self.codec}' encoder gave a {type(stream).__name__}, not video.")
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
         if self._timed:

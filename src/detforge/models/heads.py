@@ -55,7 +55,7 @@ def _box_head(model: Any, arch: str, dim: int) -> list[str]:
 
 
 def _mask_head(model: Any, cfg: ModelConfig) -> list[str]:
-    heads = getattr(model, "roi_heads", None)
+    heads: Any = getattr(model, "roi_heads", None)
     mask_head = getattr(heads, "mask_head", None)
     if not isinstance(mask_head, MaskRCNNHeads):
         raise ConfigError(

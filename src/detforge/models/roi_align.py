@@ -147,6 +147,9 @@ class FastBackwardMultiScaleRoIAlign(MultiScaleRoIAlign):
     scripted model object itself: script a copy of a model you will go on training.
     """
 
+    scales: list[float] | None  # set by torchvision's MultiScaleRoIAlign (None until the first call)
+    map_levels: Any
+
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         if not self._fast_path(x):
             return super().forward(x, boxes, image_shapes)
@@ -191,7 +194,7 @@ def use_fast_backward(model: torch.nn.Module) -> list[str]:
     heads = getattr(model, "roi_heads", None)
     swapped = []
     for name in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
-        pool = getattr(heads, name, None)
+        pool: Any = getattr(heads, name, None)
         if type(pool) is not MultiScaleRoIAlign or pool.sampling_ratio <= 0:
             continue
         setattr(heads, name, _plain_pooler(pool, FastBackwardMultiScaleRoIAlign))

@@ -525,7 +525,7 @@ def _log_mlflow_input(client: MlflowClient, run_id: str, name: str, number: int,
     from mlflow.entities import DatasetInput, InputTag
 
     source = CodeDatasetSource({"detforge_ref": f"{REF_PREFIX}{name}:v{number}"})
-    entity = MetaDataset(source, name=name, digest=digest[:36])._to_mlflow_entity()
+    entity = MetaDataset(source, name=name, digest=digest[:36])._to_mlflow_entity()  # type: ignore[abstract]
     client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "dataset-version")])])
 
 

@@ -83,18 +83,21 @@ def _decode_extra(raw: msgspec.Raw, key: str, kind: Any, source: str) -> Any:
         raise DatasetError(f"{source}: top-level '{key}': {exc}. Fix or remove it.") from None
 
 
-def _decode_section(raw: msgspec.Raw | None, name: str, cls: type, source: str, report: Report) -> list[Any]:
+def _decode_section(
+    raw: msgspec.Raw | None, name: str, cls: type[msgspec.Struct], source: str, report: Report
+) -> list[Any]:
     if raw is None:
         return []
     try:
-        return msgspec.json.decode(raw, type=list[_strict(cls)])  # type: ignore[no-any-return]
+        strict = _strict(cls)
+        return msgspec.json.decode(raw, type=list[strict])  # type: ignore[valid-type]
     except msgspec.ValidationError as exc:
         if "unknown field" not in str(exc):
             raise DatasetError(f"{source}: {_describe(exc, name)}") from None
     return _decode_with_extras(raw, name, cls, source, report)
 
 
-def _strict(cls: type) -> type:
+def _strict(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
     """The record type that rejects unknown keys (tried first: the fast path for standard files)."""
     cached = _STRICT.get(cls)
     if cached is None:
@@ -109,10 +112,12 @@ def _strict(cls: type) -> type:
     return cached
 
 
-_STRICT: dict[type, type] = {}
+_STRICT: dict[type[msgspec.Struct], type[msgspec.Struct]] = {}
 
 
-def _decode_with_extras(raw: msgspec.Raw, name: str, cls: type, source: str, report: Report) -> list[Any]:
+def _decode_with_extras(
+    raw: msgspec.Raw, name: str, cls: type[msgspec.Struct], source: str, report: Report
+) -> list[Any]:
     """Slow path for files with non-standard keys: move them into ``attributes`` (categories: report them)."""
     fields = set(cls.__struct_fields__)
     items = msgspec.json.decode(raw)
@@ -123,8 +128,8 @@ def _decode_with_extras(raw: msgspec.Raw, name: str, cls: type, source: str, rep
         extra = {k: item.pop(k) for k in list(item) if k not in fields}
         moved.update(extra)
         if extra and "attributes" in fields:
-            attrs = item.get("attributes") if isinstance(item.get("attributes"), dict) else {}
-            item["attributes"] = {**attrs, **extra}
+            attrs = item.get("attributes")
+            item["attributes"] = {**(attrs if isinstance(attrs, dict) else {}), **extra}
     for key in sorted(moved):
         verb = "kept under 'attributes'" if "attributes" in fields else "not kept"
         report.warning(f"non-COCO {name} key {verb}", f"{source}, key '{key}'")
