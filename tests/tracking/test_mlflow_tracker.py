@@ -138,3 +138,26 @@ def test_registered_versions_are_servable_pyfunc_models(
     image = encode_image(module_tiny_dataset.parent / "images" / "img_01.png")
     answer = model.predict(pd.DataFrame({"image": [image]}), params={"score_threshold": 0.0})
     assert len(answer) == 1 and answer[0] and all({"label", "score", "box"} <= set(d) for d in answer[0])
+
+
+def test_a_resumed_run_does_not_send_the_points_it_already_sent_again(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DETFORGE_WORKDIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from detforge.tracking.store import open_store
+
+    config = tracked_config(tiny_dataset, tmp_path / "run")
+    detforge.train(config)
+    # As if the process had died after sending every point up to iteration 4 but before its last checkpoint
+    (tmp_path / "run" / "last_checkpoint").write_text("model_0000002.pt")
+    detforge.train(config, resume=True)  # iterations 3 and 4 (and the evaluation at 4) are made again
+
+    run_id = json.loads((tmp_path / "run" / "tracking" / "run.json").read_text())["run_id"]
+    client = open_store().client()
+    keys = client.get_run(run_id).data.metrics
+    assert "train/loss" in keys and "eval/bbox/AP50" in keys
+    for key in keys:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key}: points sent twice, at steps {sorted(steps)}"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]

@@ -80,6 +80,8 @@ class MlflowTracker(Tracker):
     def on_fit_start(self, trainer: Trainer) -> None:
         self.run_id = self._open_run(resuming=trainer.iteration > 0)
         sender = MlflowSender(self.store.client(), self.run_id, rejected=self.folder / "rejected.jsonl")
+        if trainer.iteration > 0:  # the interrupted run may have sent points past its checkpoint: not again
+            sender.sent_steps = _sent_steps(self.store.client(), self.run_id)
         self.spool = Spool(self.folder, sender.send, flush_seconds=self.cfg.flush_seconds)
         if trainer.iteration > 0:  # points the interrupted run spooled after this checkpoint are made again
             resumed_at = trainer.iteration
@@ -267,6 +269,7 @@ class MlflowSender:
 
     def __init__(self, client: MlflowClient, run_id: str, *, rejected: Path | None = None) -> None:
         self.client, self.run_id, self.rejected = client, run_id, rejected
+        self.sent_steps: dict[str, int] = {}  # metric key -> last step the run already has; later points only
 
     def send(self, ops: list[Op]) -> None:
         for kind, group in _groups(ops):
@@ -299,10 +302,11 @@ class MlflowSender:
         items: list[Any] = []
         for op in ops:
             if kind == "metrics":
+                step = int(op["step"])
                 items += [
-                    Metric(_metric_key(k), float(v), int(op["ts"]), int(op["step"]))
-                    for k, v in op["values"].items()
-                    if v is not None and math.isfinite(float(v))
+                    Metric(key, float(v), int(op["ts"]), step)
+                    for key, v in ((_metric_key(k), v) for k, v in op["values"].items())
+                    if v is not None and math.isfinite(float(v)) and step > self.sent_steps.get(key, -1)
                 ]
             elif kind == "params":
                 items += [Param(k, v[:6000]) for k, v in op["values"].items()]
@@ -385,6 +389,12 @@ def sync_run(out_dir: str | Path) -> tuple[int, int]:
     before = spool.pending
     spool.close(timeout=0)
     return before - spool.pending, spool.pending
+
+
+def _sent_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step of each metric ``run_id`` already has."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1) for key in keys}
 
 
 def _groups(ops: list[Op]) -> Iterator[tuple[str, list[Op]]]:
