@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from detforge.data.formats.via import ellipse_polygon, import_via
+from detforge.data.formats.common import ellipse_polygon
+from detforge.data.formats.via import import_via
 from detforge.errors import DatasetError
 
 

@@ -1,4 +1,5 @@
-"""What every importer shares: the result type and a builder that numbers ids and computes boxes and areas."""
+"""What every importer shares: the result type, a builder that numbers ids and computes boxes and areas, and
+the polygon of an ellipse (VIA, CVAT and LabelMe shapes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 from detforge.data.records import UNSET, Annotation, Category, Dataset, Image, make_segmentation
 from detforge.data.report import Report
 from detforge.data.validate import polygon_area, validate_dataset
+
+ELLIPSE_POINTS = 32  # vertices of the polygon an ellipse or circle becomes
 
 
 @dataclass
@@ -126,4 +129,20 @@ def skip_invalid_annotations(ds: Dataset, report: Report) -> Report:
     for p in report.problems:
         severity = "skipped" if p.severity == "error" and p.annotation_id in bad else p.severity
         out.add(severity, p.kind, p.where, p.detail, annotation_id=p.annotation_id)
+    return out
+
+
+def ellipse_polygon(
+    cx: float, cy: float, rx: float, ry: float, angle_rad: float = 0.0, *, points: int = ELLIPSE_POINTS
+) -> list[float]:
+    """A flat ``[x1, y1, ...]`` polygon of ``points`` vertices on an ellipse rotated by ``angle_rad``.
+
+    The angle turns the ``rx`` axis towards +y, i.e. clockwise on screen (image y points down).
+    """
+    cos_a, sin_a = math.cos(angle_rad), math.sin(angle_rad)
+    out: list[float] = []
+    for k in range(points):
+        t = 2.0 * math.pi * k / points
+        dx, dy = rx * math.cos(t), ry * math.sin(t)
+        out += [round(cx + dx * cos_a - dy * sin_a, 3), round(cy + dx * sin_a + dy * cos_a, 3)]
     return out

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from detforge.data.formats.common import DatasetBuilder, ImportResult, finish_import
-from detforge.data.formats.via import ellipse_polygon
+from detforge.data.formats.common import DatasetBuilder, ImportResult, ellipse_polygon, finish_import
 from detforge.data.images import is_image_file, read_image_size
 from detforge.data.records import make_segmentation
 from detforge.data.report import Report

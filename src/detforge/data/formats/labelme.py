@@ -19,8 +19,7 @@ from typing import Any
 
 from PIL import Image as PILImage
 
-from detforge.data.formats.common import DatasetBuilder, ImportResult, finish_import
-from detforge.data.formats.via import ellipse_polygon
+from detforge.data.formats.common import DatasetBuilder, ImportResult, ellipse_polygon, finish_import
 from detforge.data.images import read_image_size
 from detforge.data.records import UNSET
 from detforge.data.report import Report

@@ -13,16 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from detforge.data.formats.common import DatasetBuilder, ImportResult, finish_import
+from detforge.data.formats.common import DatasetBuilder, ImportResult, ellipse_polygon, finish_import
 from detforge.data.images import read_image_size
 from detforge.data.records import UNSET
 from detforge.data.report import Report
 from detforge.errors import DatasetError
 from detforge.progress import track
 
-__all__ = ["ELLIPSE_POINTS", "ellipse_polygon", "import_via"]
+__all__ = ["import_via"]
 
-ELLIPSE_POINTS = 32
 _UNSUPPORTED = ("point", "polyline")
 _CLASS_TYPES = ("dropdown", "radio", "checkbox")
 
@@ -67,22 +66,6 @@ def import_via(
     return finish_import(
         builder, report, image_root=image_dir, check_images=check_images, skip_invalid=skip_invalid
     )
-
-
-def ellipse_polygon(
-    cx: float, cy: float, rx: float, ry: float, angle_rad: float = 0.0, *, points: int = ELLIPSE_POINTS
-) -> list[float]:
-    """A flat ``[x1, y1, ...]`` polygon of ``points`` vertices on an ellipse rotated by ``angle_rad``.
-
-    The angle turns the ``rx`` axis towards +y, i.e. clockwise on screen (image y points down).
-    """
-    cos_a, sin_a = math.cos(angle_rad), math.sin(angle_rad)
-    out: list[float] = []
-    for k in range(points):
-        t = 2.0 * math.pi * k / points
-        dx, dy = rx * math.cos(t), ry * math.sin(t)
-        out += [round(cx + dx * cos_a - dy * sin_a, 3), round(cy + dx * sin_a + dy * cos_a, 3)]
-    return out
 
 
 class _BadRegion(Exception):
