@@ -509,5 +509,8 @@ def test_merge_joins_licenses_by_content_and_images_follow_theirs() -> None:
     assert out.licenses == joined
     assert [img.license for img in out.images] == [2, 1, 2, 3, None]  # b's license 3 was never listed
     assert op.summary.endswith("; 1 images named a license their input does not list (cleared)")
-    out, op = merge([make_dataset([["cat"]]), make_dataset([["cat"]], root="/data/b")])
+    a, b = make_dataset([["cat"]]), make_dataset([["cat"]], root="/data/b")
+    b.images = [replace(b.images[0], license=5)]
+    out, op = merge([a, b])
     assert out.licenses is msgspec.UNSET and "license" not in op.summary
+    assert [img.license for img in out.images] == [None, 5]  # nothing to remap against: kept

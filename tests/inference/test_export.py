@@ -301,6 +301,8 @@ def test_box_decoding_traced_on_no_boxes_holds_for_any_count() -> None:
     coder, other = BoxCoder((10.0, 10.0, 5.0, 5.0)), BoxCoder((10.0, 10.0, 5.0, 5.0))
     model = torch.nn.Sequential(torch.nn.Module())
     model[0].box_coder = coder  # where R-CNN heads keep theirs: an attribute of a submodule
+    model.append(torch.nn.Module())
+    model[1].box_coder = coder  # one coder held twice is patched once and restored once
 
     def decode(codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return coder.decode(codes, [boxes])
@@ -313,7 +315,7 @@ def test_box_decoding_traced_on_no_boxes_holds_for_any_count() -> None:
     with _box_decoding_for_any_count(model):
         traced = torch.jit.trace(decode, empty, check_trace=False)
         assert "decode" not in vars(other)  # another model's coder keeps torchvision's decode meanwhile
+        assert "box_sum" in BoxCoder.decode.__code__.co_varnames  # the class itself is never touched
     assert "decode" not in vars(coder)  # torchvision's decode again
-    assert "box_sum" in BoxCoder.decode.__code__.co_varnames  # the class itself was never touched
     torch.testing.assert_close(traced(codes, boxes), coder.decode(codes, [boxes]))
     assert traced(*empty).shape == (0, 4, 4)

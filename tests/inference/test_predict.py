@@ -20,7 +20,7 @@ from detforge.data.formats.coco import load_coco
 from detforge.errors import ConfigError
 from detforge.inference.predictor import Predictor
 from detforge.inference.run import expand_inputs, predict
-from detforge.inference.video import VideoWriter, probe_video, read_frames, read_timed_frames
+from detforge.inference.video import VideoError, VideoWriter, probe_video, read_frames, read_timed_frames
 from detforge.tracking.store import TrackingError
 
 VideoFactory = Callable[[Path, int], Path]
@@ -124,14 +124,18 @@ def test_frame_times_of_a_variable_frame_rate_video_come_from_its_timestamps(che
     assert [time for time, _ in read_timed_frames(tmp_path / "out" / "vfr.mp4")] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
-def test_frames_written_with_times_decode_back_at_those_times(
-    codec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if codec not in av.codecs_available:
-        pytest.skip(f"this PyAV has no {codec} encoder")
-    if codec == "mpeg4":  # the fallback taken when libx264 is missing
+@pytest.fixture(params=["libx264", "mpeg4"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The encoder VideoWriter will pick: libx264, or the mpeg4 fallback taken when libx264 is missing."""
+    name = str(request.param)
+    if name not in av.codecs_available:
+        pytest.skip(f"this PyAV has no {name} encoder")
+    if name == "mpeg4":
         monkeypatch.setattr(av, "codecs_available", av.codecs_available - {"libx264"})
+    return name
+
+
+def test_frames_written_with_times_decode_back_at_those_times(codec: str, tmp_path: Path) -> None:
     times = [0.0, 0.5, 0.52, 0.52, 2.0, 30000 / 1001]  # a repeated time is shown one tick (1/60000 s) later
     with VideoWriter(tmp_path / "timed.mp4", fps=25) as writer:
         for k, time in enumerate(times):
@@ -213,3 +217,25 @@ def test_detections_from_outputs_is_the_same_for_torch_and_onnx_runtime_outputs(
     assert found.boxes.tolist() == [[0.0, 1.0, 5.0, 6.0]] and found.boxes.dtype == np.float32
     assert found.masks is not None and found.masks.shape == (1, 4, 5) and found.masks.all()
     assert found.keypoints is not None and found.keypoints[0, :, 2].tolist() == [1.0, 2.0]
+
+
+def test_a_pause_of_hours_between_frames_is_written_as_one_hour(codec: str, tmp_path: Path) -> None:
+    with VideoWriter(tmp_path / "gap.mp4", fps=25) as writer:  # libx264 fails on a gap of 5 h, mpeg4 wraps 10 h
+        for time in (0.0, 0.04, 36_000.0, 36_000.04):
+            writer.write(np.zeros((48, 64, 3), np.uint8), time)
+    assert writer.codec == codec
+    times = [time for time, _ in read_timed_frames(tmp_path / "gap.mp4")]
+    assert times == pytest.approx([0.0, 0.04, 3600.04, 3600.08])
+
+
+def test_an_encoder_that_fails_at_the_end_is_a_video_error_and_leaves_no_file(tmp_path: Path) -> None:
+    class FailingStream:
+        def encode(self, frame: object = None) -> list[object]:
+            raise av.FFmpegError(22, "Invalid argument")
+
+    writer = VideoWriter(tmp_path / "broken.mp4")
+    writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer._stream = FailingStream()  # type: ignore[assignment]
+    with pytest.raises(VideoError, match=r"broken.mp4: encoding the video failed after 1 frames"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []

@@ -445,7 +445,7 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
     are in the summary. ``info`` comes from the first dataset. Licenses are joined by content (a license with
     the same fields but its ``id`` in two inputs is one license) and renumbered from 1, and each image's
     ``license`` follows its license; an image naming a license its input does not list has it cleared, counted
-    in the summary.
+    in the summary (when no input lists licenses, images keep their ``license`` as it is).
 
     Args:
         datasets: the inputs, in order.
@@ -482,8 +482,10 @@ def merge(datasets: Sequence[Dataset], *, names: Sequence[str] | None = None) ->
                 shared.add(known.id)
                 continue
             image_map[img.id] = len(images) + 1
-            license_id = None if img.license is None else license_map.get(img.license)
-            unknown_licenses += img.license is not None and license_id is None
+            license_id = img.license
+            if img.license is not None and isinstance(licenses, list):  # no input lists any: the ids stay
+                license_id = license_map.get(img.license)
+                unknown_licenses += license_id is None
             images.append(replace(img, id=len(images) + 1, file_name=file_name, license=license_id))
             paths[file_name] = images[-1]
         for ann in ds.annotations:

@@ -333,14 +333,18 @@ def _box_decoding_for_any_count(model: nn.Module) -> Iterator[None]:
     Only the coders of ``model`` change, and only until the block ends: other models, in other threads too, keep
     torchvision's decode.
     """
-    coders = [v for m in model.modules() for v in vars(m).values() if isinstance(v, BoxCoder)]
+    coders = {id(v): v for m in model.modules() for v in vars(m).values() if isinstance(v, BoxCoder)}.values()
+    own = {id(coder): vars(coder)["decode"] for coder in coders if "decode" in vars(coder)}
     for coder in coders:
         coder.decode = types.MethodType(_decode_any_count, coder)  # type: ignore[method-assign]
     try:
         yield
     finally:
         for coder in coders:
-            del coder.decode
+            if id(coder) in own:
+                coder.decode = own[id(coder)]  # type: ignore[method-assign]
+            else:
+                del coder.decode
 
 
 def _decode_any_count(self: BoxCoder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:

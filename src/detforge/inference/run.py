@@ -371,7 +371,12 @@ def _predict_video(
         writer.abort()
         tmp_lines.unlink(missing_ok=True)
         return
-    written = writer.close()
+    try:
+        written = writer.close()
+    except DatasetError as exc:  # the encoder failed at the end: no half-written files stay behind
+        tmp_lines.unlink(missing_ok=True)
+        summary.skipped.append(str(exc))
+        return
     os.replace(tmp_lines, lines_path)
     if written is not None:
         summary.videos.append(written)

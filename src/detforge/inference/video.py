@@ -33,8 +33,11 @@ __all__ = [
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 DEFAULT_FPS = Fraction(25)
 # Time base of videos written with frame times: 1/60000 s holds the frame periods of 24, 25, 30, 50 and 60 fps and
-# of NTSC's 30000/1001 exactly, and fits MPEG-4 Part 2's 16-bit time bases.
+# of NTSC's 30000/1001 exactly (24000/1001 to half a tick), and fits MPEG-4 Part 2's 16-bit time bases.
 TIMED_TIME_BASE = Fraction(1, 60000)
+# Longest pause between two written frames: libx264 fails on gaps of some hours and MPEG-4 Part 2 wraps gaps past
+# 2**31 ticks (about 10 h), so a longer pause (a motion-triggered recording, say) is shown as one hour.
+MAX_TIMED_GAP = 3600.0
 
 
 def is_video_file(path: Path) -> bool:
@@ -130,12 +133,14 @@ class VideoWriter:
         self.frames = 0
         self._timed: bool | None = None  # fixed by the first write
         self._last_pts = -1
+        self._cut = 0  # ticks taken out of pauses longer than MAX_TIMED_GAP so far
 
     def write(self, frame: np.ndarray, time: float | None = None) -> None:
         """Append one RGB uint8 frame (H, W, 3), shown at ``time`` seconds from the start if given.
 
-        Give a time to every frame or to none. Times must not go backwards; a frame whose time is not after the
-        previous frame's (to the time base, 1/60000 s) is shown one tick after it.
+        Give a time to every frame or to none. A frame whose time is not after the previous frame's (to the time
+        base, 1/60000 s) is shown one tick after it; a pause longer than :data:`MAX_TIMED_GAP` seconds is shortened
+        to that, and the frames after it keep their spacing.
         """
         timed = time is not None
         if self._timed is None:
@@ -151,11 +156,21 @@ class VideoWriter:
         frame = _pad_even(frame)
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         if time is not None:
-            self._last_pts = max(round(time / TIMED_TIME_BASE), self._last_pts + 1)
+            self._last_pts = self._timed_pts(time)
             video_frame.pts, video_frame.time_base = self._last_pts, TIMED_TIME_BASE
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
         self.frames += 1
+
+    def _timed_pts(self, time: float) -> int:
+        """The pts of a frame shown at ``time``: after the previous frame, and pauses longer than
+        :data:`MAX_TIMED_GAP` shortened to it (the frames after a shortened pause move up with it)."""
+        pts = round(time / TIMED_TIME_BASE) - self._cut
+        max_gap = round(MAX_TIMED_GAP / TIMED_TIME_BASE)
+        if self._last_pts >= 0 and pts - self._last_pts > max_gap:
+            self._cut += pts - self._last_pts - max_gap
+            pts = self._last_pts + max_gap
+        return max(pts, self._last_pts + 1)
 
     def _open(self, width: int, height: int) -> None:
         self._container = av.open(str(self._tmp), mode="w", format="mp4")
@@ -172,13 +187,21 @@ class VideoWriter:
         self._stream = stream
 
     def close(self) -> Path | None:
-        """Flush the encoder and move the file into place; None when no frame was written."""
+        """Flush the encoder and move the file into place; None when no frame was written.
+
+        Raises:
+            VideoError: the encoder failed (the partial file is deleted).
+        """
         if self._container is None:
             return None
         assert self._stream is not None
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+        except av.FFmpegError as exc:
+            self.abort()
+            raise VideoError(f"{self.path}: encoding the video failed after {self.frames} frames ({exc}).") from None
         self._container = None
         os.replace(self._tmp, self.path)
         return self.path

@@ -437,15 +437,22 @@ def _claim_version(client: MlflowClient, experiment: str, name: str, tags: dict[
     The number is one more than any version's, finished or still being written. Right after creating its run, a
     writer looks for another run with that number: if there is one, both may have counted at once, so it deletes
     its own run, waits a random moment and counts again. Two runs can then never both keep a number: the later
-    of the two creations comes after the other's run exists, so that writer sees the other and withdraws.
+    of the two creations comes after the other's run exists, so that writer sees the other and withdraws. A writer
+    killed while logging leaves its unfinished run behind: its number is not given again (a gap, never a clash).
     """
     for attempt in range(CLAIM_ATTEMPTS):
         named = _search(client, experiment, f"tags.`{TAG_NAME}` = '{name}'", finished=False)
-        number = 1 + max((int(r.data.tags[TAG_VERSION]) for r in named), default=0)
+        # a run another writer is still creating may not have its version tag yet: its writer checks after
+        number = 1 + max((int(r.data.tags[TAG_VERSION]) for r in named if TAG_VERSION in r.data.tags), default=0)
         run_tags = {**tags, TAG_VERSION: str(number)}
         run_id = client.create_run(experiment, run_name=f"{name}:v{number}", tags=run_tags).info.run_id
         condition = f"tags.`{TAG_NAME}` = '{name}' and tags.`{TAG_VERSION}` = '{number}'"
-        if [r.info.run_id for r in _search(client, experiment, condition, finished=False)] == [run_id]:
+        try:
+            holders = [r.info.run_id for r in _search(client, experiment, condition, finished=False)]
+        except BaseException:
+            client.delete_run(run_id)  # an unchecked run would hold its number for good
+            raise
+        if holders == [run_id]:
             return run_id, number
         client.delete_run(run_id)
         time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))

@@ -81,7 +81,11 @@ class MlflowTracker(Tracker):
         self.run_id = self._open_run(resuming=trainer.iteration > 0)
         sender = MlflowSender(self.store.client(), self.run_id, rejected=self.folder / "rejected.jsonl")
         if trainer.iteration > 0:  # the interrupted run may have sent points past its checkpoint: not again
-            sender.sent_steps = _sent_steps(self.store.client(), self.run_id)
+            sender.sent_steps = self._sent_steps(self.run_id)
+            last = max(sender.sent_steps.values(), default=0)
+            if last > trainer.iteration:
+                console.print(f"tracking: the run already has points up to step {last}; steps {trainer.iteration + 1}"
+                              f"-{last} keep them (not sent again)", highlight=False)  # fmt: skip
         self.spool = Spool(self.folder, sender.send, flush_seconds=self.cfg.flush_seconds)
         if trainer.iteration > 0:  # points the interrupted run spooled after this checkpoint are made again
             resumed_at = trainer.iteration
@@ -189,6 +193,18 @@ class MlflowTracker(Tracker):
         self._retire_old_spool(saved)
         atomic_write_text(self.folder / RUN_FILE, json.dumps({"run_id": run.info.run_id, "uri": self.store.uri}))
         return str(run.info.run_id)
+
+    def _sent_steps(self, run_id: str) -> dict[str, int]:
+        """The last step of each metric ``run_id`` already has."""
+        client = self.store.client()
+        try:
+            keys = client.get_run(run_id).data.metrics
+            return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1) for key in keys}
+        except Exception as exc:
+            raise TrackingError(
+                f"tracking: cannot read the metrics of run {run_id} in {self.store.describe()} to resume it: {exc}. "
+                "Resume once the tracking server answers, or train without tracking with tracking.backend=none."
+            ) from None
 
     def _retire_old_spool(self, saved: dict[str, Any]) -> None:
         """A new run in this folder starts a new spool; refuse when the old one still holds unsent records."""
@@ -389,12 +405,6 @@ def sync_run(out_dir: str | Path) -> tuple[int, int]:
     before = spool.pending
     spool.close(timeout=0)
     return before - spool.pending, spool.pending
-
-
-def _sent_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
-    """The last step of each metric ``run_id`` already has."""
-    keys = client.get_run(run_id).data.metrics
-    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1) for key in keys}
 
 
 def _groups(ops: list[Op]) -> Iterator[tuple[str, list[Op]]]:
