@@ -334,17 +334,13 @@ def _box_decoding_for_any_count(model: nn.Module) -> Iterator[None]:
     torchvision's decode.
     """
     coders = {id(v): v for m in model.modules() for v in vars(m).values() if isinstance(v, BoxCoder)}.values()
-    own = {id(coder): vars(coder)["decode"] for coder in coders if "decode" in vars(coder)}
-    for coder in coders:
+    for coder in coders:  # an instance attribute over the class's method: torchvision's again once deleted
         coder.decode = types.MethodType(_decode_any_count, coder)  # type: ignore[method-assign]
     try:
         yield
     finally:
         for coder in coders:
-            if id(coder) in own:
-                coder.decode = own[id(coder)]  # type: ignore[method-assign]
-            else:
-                del coder.decode
+            del coder.decode
 
 
 def _decode_any_count(self: BoxCoder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:

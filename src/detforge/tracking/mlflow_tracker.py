@@ -78,19 +78,12 @@ class MlflowTracker(Tracker):
     # -- events ----------------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.run_id = self._open_run(resuming=trainer.iteration > 0)
-        sender = MlflowSender(self.store.client(), self.run_id, rejected=self.folder / "rejected.jsonl")
-        if trainer.iteration > 0:  # the interrupted run may have sent points past its checkpoint: not again
-            sender.sent_steps = self._sent_steps(self.run_id)
-            last = max(sender.sent_steps.values(), default=0)
-            if last > trainer.iteration:
-                console.print(f"tracking: the run already has points up to step {last}; steps {trainer.iteration + 1}"
-                              f"-{last} keep them (not sent again)", highlight=False)  # fmt: skip
-        self.spool = Spool(self.folder, sender.send, flush_seconds=self.cfg.flush_seconds)
-        if trainer.iteration > 0:  # points the interrupted run spooled after this checkpoint are made again
-            resumed_at = trainer.iteration
-            self.spool.drop_pending(lambda op: op["op"] in ("end", "tags") or int(op.get("step", 0)) > resumed_at)
-        self.spool.start()
+        self.run_id = run_id = self._open_run(resuming=trainer.iteration > 0)
+        sender = MlflowSender(self.store.client(), run_id, rejected=self.folder / "rejected.jsonl")
+        self.spool = spool = Spool(self.folder, sender.send, flush_seconds=self.cfg.flush_seconds)
+        if trainer.iteration > 0:
+            self._resume_points(spool, sender, run_id, trainer.iteration)
+        spool.start()
         if trainer.iteration == 0:
             self._record_setup()
         console.print(f"tracking: {self.describe()}", highlight=False)
@@ -193,6 +186,16 @@ class MlflowTracker(Tracker):
         self._retire_old_spool(saved)
         atomic_write_text(self.folder / RUN_FILE, json.dumps({"run_id": run.info.run_id, "uri": self.store.uri}))
         return str(run.info.run_id)
+
+    def _resume_points(self, spool: Spool, sender: MlflowSender, run_id: str, resumed_at: int) -> None:
+        """The steps after ``resumed_at`` are made again: drop what the interrupted run spooled for them, and do not
+        send again the points it already sent."""
+        spool.drop_pending(lambda op: op["op"] in ("end", "tags") or int(op.get("step", 0)) > resumed_at)
+        sender.sent_steps = self._sent_steps(run_id)
+        last = max(sender.sent_steps.values(), default=0)
+        if last > resumed_at:
+            console.print(f"tracking: the run already has points up to step {last}; steps {resumed_at + 1}-{last} "
+                          "keep them (not sent again)", highlight=False)  # fmt: skip
 
     def _sent_steps(self, run_id: str) -> dict[str, int]:
         """The last step of each metric ``run_id`` already has."""
