@@ -10,10 +10,11 @@ Usage::
 
 For a Faster R-CNN MobileNet and a Mask R-CNN R50 it prints, in one run, the images per second of each path
 (eager fp32, bf16 autocast + channels-last, ONNX Runtime when ``detforge.inference.export`` and
-``detforge.inference.onnx_backend`` exist), each as a ratio to eager fp32, and the box AP each path gets on
-the validation part of the synthetic shapes set. Goal: the fastest path at least 2x eager fp32 with a box AP
-within 0.5 points of it. It also says whether ``predict --backend auto`` (``detforge.inference.auto``) picks, for
-that architecture, the fastest path that keeps the AP; when it does not, ``ONNX_FASTER`` there needs updating.
+``detforge.inference.onnx_backend`` exist, and ONNX Runtime on the export with int8 fully connected layers),
+each as a ratio to eager fp32, and the box AP each path gets on the validation part of the synthetic shapes set.
+Goal: the fastest path at least 2x eager fp32 with a box AP within 0.5 points of it. It also says whether
+``predict --backend auto`` (``detforge.inference.auto``) picks, for that architecture, the fastest path that keeps
+the AP; when it does not, ``ONNX_FASTER`` or ``ONNX_INT8`` there needs updating.
 
 Then it streams a synthetic video (``--frames``, 10,000 by default, 160x120) through
 ``detforge.inference.run.predict`` in a fresh process and prints how much the RSS grows after the first 1,000
@@ -108,11 +109,17 @@ def inference_paths(checkpoint: Path | str, folder: Path) -> dict[str, Callable[
         model = Predictor.load(checkpoint, score_threshold=SCORE_THRESHOLD, precision="bf16", channels_last=True)
         return model, ""
 
-    return {"eager fp32": eager, "bf16 + channels-last": bf16, "onnxruntime": lambda: onnx_model(checkpoint, folder)}
+    return {
+        "eager fp32": eager,
+        "bf16 + channels-last": bf16,
+        "onnxruntime": lambda: onnx_model(checkpoint, folder),
+        "onnxruntime int8": lambda: onnx_model(checkpoint, folder, quantize="int8"),
+    }
 
 
-def onnx_model(checkpoint: Path | str, folder: Path) -> tuple[Any, str]:
-    """The ONNX Runtime predictor of ``checkpoint`` and the export time; Unavailable (with the reason) if none."""
+def onnx_model(checkpoint: Path | str, folder: Path, *, quantize: str | None = None) -> tuple[Any, str]:
+    """The ONNX Runtime predictor of ``checkpoint`` (its fully connected layers quantized when ``quantize``) and the
+    export time; Unavailable (with the reason) if none."""
     from detforge.errors import DetforgeError
 
     try:
@@ -122,7 +129,10 @@ def onnx_model(checkpoint: Path | str, folder: Path) -> tuple[Any, str]:
         raise Unavailable(f"not available ({exc})") from None
     started = time.perf_counter()
     try:
-        exported = export_model(checkpoint, folder / "model.onnx", format="onnx", score_threshold=SCORE_THRESHOLD)
+        exported = export_model(
+            checkpoint, folder / f"model{'.' + quantize if quantize else ''}.onnx", format="onnx",
+            score_threshold=SCORE_THRESHOLD, quantize=quantize,
+        )  # fmt: skip
     except DetforgeError as exc:  # report the failing path and measure the others
         raise Unavailable(f"export failed: {exc}") from None
     seconds = time.perf_counter() - started
@@ -233,7 +243,7 @@ def goal_line(report: ModelReport) -> str:
 
 def auto_line(report: ModelReport) -> str:
     """Whether ``predict --backend auto`` (detforge.inference.auto) picks the fastest path that keeps the AP."""
-    from detforge.inference.auto import ONNX_FASTER
+    from detforge.inference.auto import ONNX_FASTER, ONNX_INT8
     from detforge.inference.predictor import cpu_supports_bf16
 
     base = report.paths[0]
@@ -244,8 +254,9 @@ def auto_line(report: ModelReport) -> str:
     ]
     best = max(keeping, key=lambda p: p.images_per_s or 0.0).name
     eager = "bf16 + channels-last" if cpu_supports_bf16() else "eager fp32"
-    picked = "onnxruntime" if report.arch in ONNX_FASTER else eager
-    verdict = "agrees" if picked == best else "DISAGREES: update ONNX_FASTER in src/detforge/inference/auto.py"
+    onnx = "onnxruntime int8" if report.arch in ONNX_INT8 else "onnxruntime"
+    picked = onnx if report.arch in ONNX_FASTER else eager
+    verdict = "agrees" if picked == best else "DISAGREES: update ONNX_FASTER or ONNX_INT8 in detforge/inference/auto.py"
     kept = f"fastest within {100 * AP_TOLERANCE:.1f} AP points of eager fp32"
     return f"auto ({report.arch}): picks {picked} for big jobs; {kept}: {best}: {verdict}"
 

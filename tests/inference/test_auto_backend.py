@@ -73,13 +73,16 @@ def test_a_big_job_runs_on_onnx_runtime_from_one_cached_export_with_pytorchs_det
     assert "ONNX Runtime" in auto_run.model and f"{MIN_ITEMS_TO_EXPORT} images and frames" in auto_run.model
     assert auto_run.frames == MIN_ITEMS_TO_EXPORT and not auto_run.skipped
     exports = list((_own_cache / "onnx").glob("*.onnx"))
-    assert len(exports) == 1 and "-s0.05-" in exports[0].name
+    assert len(exports) == 1 and "-s0.05-" in exports[0].name and "-int8-" in exports[0].name  # auto.ONNX_INT8
+    assert "(fasterrcnn_mobilenet_v3_large_320_fpn, int8) on ONNX Runtime" in auto_run.model
 
-    eager = predict(
-        checkpoint, [video], tmp_path / "eager", score_threshold=0.05, backend="torch", precision="fp32", batch_size=1
-    )
-    assert "ONNX" not in eager.model
-    assert_same_frames(frames_of(tmp_path / "auto" / "clip.jsonl"), frames_of(tmp_path / "eager" / "clip.jsonl"))
+    # Auto's int8 path is the int8 export a user makes with `detforge export --quantize int8` (test_export checks
+    # that export against the float one, and the float one against PyTorch, on a trained model: int8 moves scores
+    # by ~0.02, more than this 4-iteration model's near-ties can take).
+    explicit = export.export_model(checkpoint, tmp_path / "int8.onnx", score_threshold=0.05, quantize="int8")
+    by_hand = predict(explicit, [video], tmp_path / "by_hand", score_threshold=0.05, backend="onnxruntime")
+    assert "ONNX" in by_hand.model
+    assert frames_of(tmp_path / "auto" / "clip.jsonl") == frames_of(tmp_path / "by_hand" / "clip.jsonl")
 
     # A small job now reuses the cached export (from the CLI), and nothing new is exported.
     image = tmp_path / "frame.png"
@@ -89,8 +92,20 @@ def test_a_big_job_runs_on_onnx_runtime_from_one_cached_export_with_pytorchs_det
     )
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert f"model: {checkpoint} (" in output and "ONNX Runtime" in output and "cached ONNX export" in output
+    assert f"model: {checkpoint} (" in output and "ONNX Runtime" in output and "cached int8 ONNX export" in output
     assert list((_own_cache / "onnx").glob("*.onnx")) == exports
+
+    # Without int8, auto's float export gives PyTorch's detections.
+    monkeypatch.setattr(auto, "ONNX_INT8", frozenset())
+    float_run = predict(checkpoint, [video], tmp_path / "float", score_threshold=0.05)
+    assert "(fasterrcnn_mobilenet_v3_large_320_fpn) on ONNX Runtime" in float_run.model
+    eager = predict(
+        checkpoint, [video], tmp_path / "eager", score_threshold=0.05, backend="torch", precision="fp32", batch_size=1
+    )
+    assert "ONNX" not in eager.model
+    assert_same_frames(frames_of(tmp_path / "float" / "clip.jsonl"), frames_of(tmp_path / "eager" / "clip.jsonl"))
+    both = sorted((_own_cache / "onnx").glob("*.onnx"))
+    assert len(both) == 2 and sum("-int8-" in path.name for path in both) == 1
 
 
 def test_small_jobs_missing_onnx_and_failed_exports_run_in_pytorch(

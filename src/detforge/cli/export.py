@@ -27,6 +27,12 @@ def export_cmd(
             help="Lowest score the exported model returns (default: the checkpoint's model.score_threshold).",
         ),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: quantize the fully connected layers to int8 (ONNX only; faster on CPUs, see docs/export.md)."
+        ),
+    ] = None,
     register: Annotated[
         str | None,
         typer.Option(
@@ -43,15 +49,16 @@ def export_cmd(
         raise ConfigError("--register and --no-register contradict each other; give one.")
     source = get_model_version(model).ref if is_model_ref(model) else model  # pin @alias / latest once
     started = time.perf_counter()
-    written = export_model(source, out, format=format, opset=opset, score_threshold=score_threshold)
+    written = export_model(source, out, format=format, opset=opset, score_threshold=score_threshold, quantize=quantize)
     size_mb = written.stat().st_size / 1e6
+    kind = f"{format}, {quantize}" if quantize else format
     console.print(
-        f"Exported {source} to {written} ({format}, {size_mb:.1f} MB) in {time.perf_counter() - started:.1f} s",
+        f"Exported {source} to {written} ({kind}, {size_mb:.1f} MB) in {time.perf_counter() - started:.1f} s",
         highlight=False,
         emoji=False,  # "model:balloon:v1" must not become a balloon
         soft_wrap=True,
     )
     if no_register or not (register or is_model_ref(source)):
         return
-    version = register_export(written, source=source, format=format, name=register)
+    version = register_export(written, source=source, format=format, name=register, quantize=quantize or "")
     console.print(f"Registered {version.ref} (exported from {source})", highlight=False, emoji=False, soft_wrap=True)

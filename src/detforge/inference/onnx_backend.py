@@ -95,8 +95,9 @@ class OnnxPredictor:
 
     def describe(self) -> str:
         options = self.session.get_session_options()
+        arch = ", ".join(filter(None, (self.metadata.arch, self.metadata.quantize)))
         return (
-            f"{self.source or 'model'} ({self.metadata.arch}) on ONNX Runtime, CPU, "
+            f"{self.source or 'model'} ({arch}) on ONNX Runtime, CPU, "
             f"{options.intra_op_num_threads} threads, {len(self.class_names)} classes, score >= {self.score_threshold}"
         )
 

@@ -166,7 +166,7 @@ def _load(model: Model | str | os.PathLike[str], found: Inputs, **options: Any) 
         return model
     from detforge.inference.auto import choose_backend, pin_model_ref
 
-    backend, reason, export = options.pop("backend"), "", None
+    backend, reason, export, quantize = options.pop("backend"), "", None, None
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"backend: expected auto, torch or onnxruntime, found {backend!r}.")
     text = pin_model_ref(os.fspath(model))  # one version throughout, even if an alias moves meanwhile
@@ -174,10 +174,10 @@ def _load(model: Model | str | os.PathLike[str], found: Inputs, **options: Any) 
         choice = choose_backend(text, device=options["device"], score_threshold=options["score_threshold"],
                                 images=len(found.images), videos=found.videos,
                                 precision=options["precision"])  # fmt: skip
-        backend, reason, export = choice.backend, f"auto: {choice.reason}", choice.export
+        backend, reason, export, quantize = choice.backend, f"auto: {choice.reason}", choice.export, choice.quantize
     if backend == "onnxruntime":
         try:
-            return _Described(_load_onnx(text, options["score_threshold"], export), reason)
+            return _Described(_load_onnx(text, options["score_threshold"], export, quantize), reason)
         except CheckpointError as exc:
             if not reason:  # asked for explicitly: the user should know it failed
                 raise
@@ -185,15 +185,16 @@ def _load(model: Model | str | os.PathLike[str], found: Inputs, **options: Any) 
     return _Described(Predictor.load(text, **options), reason)
 
 
-def _load_onnx(text: str, score_threshold: float, export: Path | None) -> Model:
-    """The ONNX Runtime model of ``text``: an ``.onnx`` file, or a checkpoint exported once into the cache
-    (``export``, when ``auto`` already named the cache file)."""
+def _load_onnx(text: str, score_threshold: float, export: Path | None, quantize: str | None = None) -> Model:
+    """The ONNX Runtime model of ``text``: an ``.onnx`` file, or a checkpoint exported (quantized when ``auto``
+    chose so) once into the cache (``export``, when ``auto`` already named the cache file)."""
     from detforge.inference.auto import cached_onnx_export, is_onnx_model
     from detforge.inference.onnx_backend import OnnxPredictor
 
     if is_onnx_model(text):
         return OnnxPredictor.load(text, score_threshold=score_threshold)
-    loaded = OnnxPredictor.load(cached_onnx_export(text, score_threshold, export), score_threshold=score_threshold)
+    path = cached_onnx_export(text, score_threshold, export, quantize)
+    loaded = OnnxPredictor.load(path, score_threshold=score_threshold)
     loaded.source = text  # describe() names the checkpoint, not its cache file
     return loaded
 
