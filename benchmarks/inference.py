@@ -10,11 +10,13 @@ Usage::
 
 For a Faster R-CNN MobileNet and a Mask R-CNN R50 it prints, in one run, the images per second of each path
 (eager fp32, bf16 autocast + channels-last, ONNX Runtime when ``detforge.inference.export`` and
-``detforge.inference.onnx_backend`` exist, and ONNX Runtime on the export with int8 fully connected layers),
-each as a ratio to eager fp32, and the box AP each path gets on the validation part of the synthetic shapes set.
+``detforge.inference.onnx_backend`` exist, ONNX Runtime on the export with int8 fully connected layers, and on
+the static int8 export calibrated on 32 training images), each as a ratio to eager fp32, and the box AP each path
+gets on the validation part of the synthetic shapes set.
 Goal: the fastest path at least 2x eager fp32 with a box AP within 0.5 points of it. It also says whether
 ``predict --backend auto`` (``detforge.inference.auto``) picks, for that architecture, the fastest path that keeps
-the AP; when it does not, ``ONNX_FASTER`` or ``ONNX_INT8`` there needs updating.
+the AP among the paths it can take (not the static int8 export: it needs calibration images); when it does not,
+``ONNX_FASTER`` or ``ONNX_INT8`` there needs updating.
 
 Then it streams a synthetic video (``--frames``, 10,000 by default, 160x120) through
 ``detforge.inference.run.predict`` in a fresh process and prints how much the RSS grows after the first 1,000
@@ -46,6 +48,8 @@ SCORE_THRESHOLD = 0.05  # COCO evaluation's usual floor; the same for every path
 AP_TOLERANCE = 0.005  # 0.5 AP points
 MIN_JUDGED_AP = 0.1  # below this (a barely trained model) AP differences between paths say nothing
 SPEEDUP_GOAL = 2.0
+CALIBRATION_IMAGES = 32  # training images the static int8 export is calibrated on
+NOT_AUTO = {"onnxruntime int8-static"}  # paths predict --backend auto never takes (no calibration images there)
 FLAT_MB = 10  # peak RSS growth after the first 1,000 frames that still counts as flat (allocator noise)
 # The learn_shapes recipe (lr 0.02) diverges for a randomly initialised R50 within a few iterations.
 TRAIN_OVERRIDES = {"maskrcnn_resnet50_fpn": {"lr": 0.01}}
@@ -97,8 +101,11 @@ def train_model(arch: str, train_json: Path, out: Path, *, iters: int, size: int
     return result.final_checkpoint
 
 
-def inference_paths(checkpoint: Path | str, folder: Path) -> dict[str, Callable[[], tuple[Any, str]]]:
-    """Loaders of each path's model (anything with ``predict(images) -> list[Detections]``) and a note."""
+def inference_paths(
+    checkpoint: Path | str, folder: Path, calibration: Sequence[Path]
+) -> dict[str, Callable[[], tuple[Any, str]]]:
+    """Loaders of each path's model (anything with ``predict(images) -> list[Detections]``) and a note;
+    ``calibration``: training images for the static int8 export."""
     from detforge.inference.predictor import Predictor
 
     def eager() -> tuple[Any, str]:
@@ -114,12 +121,17 @@ def inference_paths(checkpoint: Path | str, folder: Path) -> dict[str, Callable[
         "bf16 + channels-last": bf16,
         "onnxruntime": lambda: onnx_model(checkpoint, folder),
         "onnxruntime int8": lambda: onnx_model(checkpoint, folder, quantize="int8"),
+        "onnxruntime int8-static": lambda: onnx_model(
+            checkpoint, folder, quantize="int8-static", calibration=calibration
+        ),
     }
 
 
-def onnx_model(checkpoint: Path | str, folder: Path, *, quantize: str | None = None) -> tuple[Any, str]:
-    """The ONNX Runtime predictor of ``checkpoint`` (its fully connected layers quantized when ``quantize``) and the
-    export time; Unavailable (with the reason) if none."""
+def onnx_model(
+    checkpoint: Path | str, folder: Path, *, quantize: str | None = None, calibration: Sequence[Path] = ()
+) -> tuple[Any, str]:
+    """The ONNX Runtime predictor of ``checkpoint`` (quantized as ``quantize``, calibrated on ``calibration``) and
+    the export time; Unavailable (with the reason) if none."""
     from detforge.errors import DetforgeError
 
     try:
@@ -131,7 +143,7 @@ def onnx_model(checkpoint: Path | str, folder: Path, *, quantize: str | None = N
     try:
         exported = export_model(
             checkpoint, folder / f"model{'.' + quantize if quantize else ''}.onnx", format="onnx",
-            score_threshold=SCORE_THRESHOLD, quantize=quantize,
+            score_threshold=SCORE_THRESHOLD, quantize=quantize, calibration=calibration,
         )  # fmt: skip
     except DetforgeError as exc:  # report the failing path and measure the others
         raise Unavailable(f"export failed: {exc}") from None
@@ -184,9 +196,15 @@ def _category_ids(class_names: Sequence[str], gt: Any) -> list[int]:
 
 
 def benchmark_model(
-    arch: str, checkpoint: Path | str, gt: Any, images: Sequence[Any], folder: Path, warmup: int
+    arch: str,
+    checkpoint: Path | str,
+    gt: Any,
+    images: Sequence[Any],
+    folder: Path,
+    warmup: int,
+    calibration: Sequence[Path],
 ) -> ModelReport:
-    paths = inference_paths(checkpoint, folder)
+    paths = inference_paths(checkpoint, folder, calibration)
     models, notes = {}, {}
     for name, load in paths.items():
         try:
@@ -250,7 +268,9 @@ def auto_line(report: ModelReport) -> str:
     if base.box_ap is None:
         return f"auto ({report.arch}): no eager measurement to compare"
     keeping = [
-        p for p in report.paths if p.images_per_s is not None and abs((p.box_ap or 0) - base.box_ap) <= AP_TOLERANCE
+        p
+        for p in report.paths
+        if p.images_per_s is not None and abs((p.box_ap or 0) - base.box_ap) <= AP_TOLERANCE and p.name not in NOT_AUTO
     ]
     best = max(keeping, key=lambda p: p.images_per_s or 0.0).name
     eager = "bf16 + channels-last" if cpu_supports_bf16() else "eager fp32"
@@ -415,6 +435,8 @@ def run_models(args: argparse.Namespace, work: Path, weights: dict[str, str]) ->
 
     train_json, val_json = make_shapes(work / "shapes", images=args.images, size=args.size, seed=args.seed)
     gt = load_coco(val_json)
+    train = load_coco(train_json)
+    calibration = [train.image_path(record) for record in train.images[:CALIBRATION_IMAGES]]
     images = [load_image_rgb(gt.image_path(record)) for record in gt.images]
     print(f"data: {args.images} synthetic shapes images of {args.size} px, {len(images)} for validation", flush=True)
     checkpoints: dict[str, Path | str] = {}
@@ -426,7 +448,7 @@ def run_models(args: argparse.Namespace, work: Path, weights: dict[str, str]) ->
         )
         folder = work / f"export_{arch}"
         folder.mkdir(parents=True, exist_ok=True)
-        reports.append(benchmark_model(arch, checkpoints[arch], gt, images, folder, args.warmup))
+        reports.append(benchmark_model(arch, checkpoints[arch], gt, images, folder, args.warmup, calibration))
     print_reports(reports, quick=args.quick)
     return checkpoints
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 import typer
@@ -32,6 +33,7 @@ from detforge.inference import export as export_module
 from detforge.inference.export import ExportMetadata, export_model, read_export_metadata
 from detforge.inference.onnx_backend import OnnxPredictor
 from detforge.inference.predictor import Detections, Predictor
+from detforge.inference.quantize import quantize_onnx
 from detforge.inference.run import predict
 from detforge.models.build import build_model
 from detforge.tracking import registry
@@ -289,7 +291,7 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         export_model(tmp_path / "missing.pt", tmp_path / "x.onnx")
     with pytest.raises(ConfigError, match="expected one of onnx, torchscript, found 'tflite'"):
         export_model(garbage, tmp_path / "x.tflite", format="tflite")
-    with pytest.raises(ConfigError, match="quantize: expected one of int8, found 'int4'"):
+    with pytest.raises(ConfigError, match="quantize: expected one of int8, int8-static, found 'int4'"):
         export_model(garbage, tmp_path / "x.onnx", quantize="int4")
     with pytest.raises(ConfigError, match="only ONNX exports are quantized"):
         export_model(garbage, tmp_path / "x.pt", format="torchscript", quantize="int8")
@@ -375,7 +377,6 @@ def test_pooling_by_gather_gives_torchvision_values(sizes: list[int], image: int
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # torchvision's scale set-up, traced once
 def test_pooling_by_gather_exports_to_onnx_runtime(tmp_path: Path) -> None:
     """Exported with a dynamic number of boxes, the pooler's gather puts each level's results back in order."""
-    import onnxruntime
     from torchvision.ops import MultiScaleRoIAlign
 
     from detforge.inference.export import _pooling_by_gather
@@ -433,3 +434,101 @@ def test_int8_export_predicts_what_the_float_export_predicts(
         np.testing.assert_allclose(found.boxes[j], expected.boxes[i], atol=INT8_BOX_PX, rtol=0)
         np.testing.assert_allclose(found.scores[j], expected.scores[i], atol=INT8_SCORE, rtol=0)
         np.testing.assert_array_equal(found.labels[j], expected.labels[i])
+
+
+def test_static_int8_export_calibrates_on_the_readable_images_and_quantizes_every_convolution(
+    shared_data: Path,
+    checkpoints: Callable[[str, list[Image.Image]], Path],
+    tmp_path: Path,
+) -> None:
+    images = balloon_images(shared_data, IMAGES[FASTER])
+    checkpoint = checkpoints(FASTER, images)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for path in sorted((shared_data / "balloon" / "train").glob("*.jpg"))[:4]:  # not the images predicted below
+        with Image.open(path) as image:
+            image.reduce(4).convert("RGB").save(calibration / path.name)
+    (calibration / "zz_truncated.jpg").write_bytes((calibration / path.name).read_bytes()[:300])
+    plain = export_model(checkpoint, tmp_path / "model.onnx")
+    with pytest.warns(UserWarning, match=r"calibration: skipped 1 input\(s\): .*zz_truncated.jpg"):
+        quantized = export_model(
+            checkpoint, tmp_path / "model.static.onnx", quantize="int8-static", calibration=calibration,
+            calibration_count=5,
+        )  # fmt: skip
+    assert read_export_metadata(quantized).quantize == "int8-static"
+    graph = onnx.load(str(quantized)).graph
+    made_by = {output: node.op_type for node in graph.node for output in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    # every convolution's input and weights come dequantized from int8 (ONNX Runtime fuses them into QLinearConv)
+    dequantized = [made_by.get(node.input[0]) == made_by.get(node.input[1]) == "DequantizeLinear" for node in convs]
+    assert convs and all(dequantized), f"{dequantized.count(False)} of {len(convs)} convolutions run in float"
+    assert quantized.stat().st_size < 0.4 * plain.stat().st_size
+
+    static = OnnxPredictor.load(quantized, score_threshold=SCORE_THRESHOLD, threads=1)
+    assert "int8-static" in static.describe() and static.class_names == ["balloon"]
+    # Random weights crowd the scores, so whole detections say little about int8 error here (the README has the AP
+    # of trained models); the next test checks the calibrated values themselves.
+    assert all(len(found) > 0 for found in static.predict(images))
+
+
+def _tiny_onnx(path: Path) -> Path:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3)).eval()
+    torch.onnx.export(net, (torch.rand(3, 32, 32),), str(path), dynamo=False, input_names=["image"],
+                      dynamic_axes={"image": {1: "h", 2: "w"}})  # fmt: skip
+    return path
+
+
+def test_static_quantization_takes_its_ranges_from_the_calibration_images(shared_data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((shared_data / "balloon" / "train").glob("*.jpg"))[:3]:
+        with Image.open(path) as image:
+            image.reduce(8).convert("RGB").save(folder / f"{path.stem}.png")
+            Image.eval(image.reduce(8).convert("RGB"), lambda v: v // 10).save(tmp_path / f"dark_{path.stem}.png")
+    plain = _tiny_onnx(tmp_path / "tiny.onnx")
+    calibrated = quantize_onnx(plain, tmp_path / "good.onnx", "int8-static", sorted(folder.iterdir()))
+    mismatched = quantize_onnx(plain, tmp_path / "dark.onnx", "int8-static", sorted(tmp_path.glob("dark_*.png")))
+    (probe,) = balloon_images(shared_data, count=1)  # a validation image: not one of the calibration images
+    feed = {"image": _tensor(probe).numpy()}
+    (expected,) = onnxruntime.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, feed)
+
+    def error(model: Path) -> float:
+        (found,) = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feed)
+        return float(np.abs(found - expected).max() / np.abs(expected).max())
+
+    good, dark = error(calibrated), error(mismatched)
+    assert good < 0.05, good  # measured: 0.017 of the largest output
+    assert dark > 3 * good, (good, dark)  # ranges from images 10x darker clip this one's activations (0.93)
+
+
+def test_static_int8_needs_calibration_images_and_only_it_takes_them(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="int8-static: calibration images are needed"):
+        export_model(garbage, tmp_path / "x.onnx", quantize="int8-static")
+    with pytest.raises(ConfigError, match="only --quantize int8-static uses calibration images; this export is int8"):
+        export_model(garbage, tmp_path / "x.onnx", quantize="int8", calibration=[tmp_path])
+    with pytest.raises(ConfigError, match="this export is not quantized"):
+        export_model(garbage, tmp_path / "x.onnx", calibration=[tmp_path])
+    with pytest.raises(ConfigError, match="nothing.*no such file or folder"):
+        export_model(garbage, tmp_path / "x.onnx", quantize="int8-static", calibration=[tmp_path / "nothing"])
+    # Checked before the checkpoint is even read: a video and an unreadable image, counted and named, and nothing left.
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    inputs = [tmp_path / "clip.mp4", tmp_path / "broken.png"]
+    with (
+        pytest.warns(UserWarning, match=r"skipped 2 input\(s\): .*broken.png.*; .*clip.mp4: a video"),
+        pytest.raises(ConfigError, match=r"calibration: no readable image in .*clip.mp4, .*broken.png"),
+    ):
+        export_model(garbage, tmp_path / "x.onnx", quantize="int8-static", calibration=inputs)
+    with pytest.raises(ConfigError, match="int8-static: calibration images are needed"):
+        quantize_onnx(tmp_path / "x.onnx", tmp_path / "y.onnx", "int8-static", [])
+    from detforge.cli.main import app
+
+    result = CliRunner().invoke(
+        app, ["export", str(garbage), "--out", str(tmp_path / "x.onnx"), "--quantize", "int8-static"]
+    )
+    output = " ".join(result.output.split())
+    assert result.exit_code != 0 and "calibration images are needed (--calibration DIR)" in output
+    assert not (tmp_path / "x.onnx").exists()

@@ -10,6 +10,7 @@ import typer
 
 from detforge.cli.output import LazyConsole
 from detforge.errors import ConfigError
+from detforge.inference.quantize import DEFAULT_CALIBRATION_IMAGES
 
 console = LazyConsole()
 
@@ -30,9 +31,17 @@ def export_cmd(
     quantize: Annotated[
         str | None,
         typer.Option(
-            help="int8: quantize the fully connected layers to int8 (ONNX only; faster on CPUs, see docs/export.md)."
+            help="int8: quantize the fully connected layers to int8; int8-static: the convolutions too, calibrated on "
+            "--calibration images (ONNX only; faster on CPUs, see docs/export.md)."
         ),
     ] = None,
+    calibration: Annotated[
+        list[str] | None,
+        typer.Option(help="Images, folders or globs to calibrate --quantize int8-static on (repeatable)."),
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option(min=1, help="Calibrate on at most this many of them (the first; each folder sorted by path).")
+    ] = DEFAULT_CALIBRATION_IMAGES,
     register: Annotated[
         str | None,
         typer.Option(
@@ -49,7 +58,10 @@ def export_cmd(
         raise ConfigError("--register and --no-register contradict each other; give one.")
     source = get_model_version(model).ref if is_model_ref(model) else model  # pin @alias / latest once
     started = time.perf_counter()
-    written = export_model(source, out, format=format, opset=opset, score_threshold=score_threshold, quantize=quantize)
+    written = export_model(
+        source, out, format=format, opset=opset, score_threshold=score_threshold, quantize=quantize,
+        calibration=calibration or (), calibration_count=calibration_images,
+    )  # fmt: skip
     size_mb = written.stat().st_size / 1e6
     kind = f"{format}, {quantize}" if quantize else format
     console.print(

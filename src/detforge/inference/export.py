@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import tempfile
 import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from detforge.errors import CheckpointError, ConfigError, summarize
 from detforge.files import atomic_write_bytes, sha256_file
 from detforge.inference.predictor import Predictor, load_checkpoint_metadata
+from detforge.inference.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZATIONS, calibration_sources, quantize_onnx
 from detforge.models.build import get_spec
 from detforge.models.roi_align import pool_by_gather, pool_helpers_available
 from detforge.models.weights import resolve_weights
@@ -64,10 +64,6 @@ __all__ = [
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
-# ONNX Runtime's dynamic quantization of the fully connected layers (the R-CNN box head's): int8 weights, activations
-# quantized per call. Convolutions stay float (ONNX Runtime advises static quantization, with calibration data, there).
-QUANTIZATIONS: tuple[str, ...] = ("int8",)
-QUANTIZED_OPS = ["MatMul", "Gemm"]
 EXPORTS_EXPERIMENT = "detforge-exports"
 TORCHSCRIPT_EXTRA_FILE = "detforge.json"
 META_PREFIX = "detforge."
@@ -90,7 +86,8 @@ class ExportMetadata:
         source: the checkpoint path, URL or exact ``model:NAME:vN`` it was exported from.
         format: ``onnx`` or ``torchscript``.
         keypoint_names: names of the K keypoints (Keypoint R-CNN), else empty.
-        quantize: ``int8`` when the fully connected layers were quantized (ONNX only), else empty.
+        quantize: ``int8`` (fully connected layers) or ``int8-static`` (convolutions too) when quantized (ONNX
+            only, :mod:`detforge.inference.quantize`), else empty.
     """
 
     arch: str
@@ -159,6 +156,8 @@ def export_model(
     opset: int = 17,
     score_threshold: float | None = None,
     quantize: str | None = None,
+    calibration: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
+    calibration_count: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> Path:
     """Export the detforge checkpoint ``ref`` to ``out`` as ONNX or TorchScript (see the module doc).
 
@@ -170,7 +169,10 @@ def export_model(
         score_threshold: the lowest score the exported model returns; default the checkpoint's
             ``model.score_threshold``. A threshold near 0 makes ONNX Runtime slow (its NMS sees every box).
         quantize: ``int8``: quantize the fully connected layers' weights to int8 (ONNX Runtime's dynamic
-            quantization; ONNX only, needs onnxruntime). Faster on a CPU; what it changes: docs/export.md.
+            quantization); ``int8-static``: the convolutions too, calibrated on ``calibration`` (ONNX only, needs
+            onnxruntime; :mod:`detforge.inference.quantize`). Faster on a CPU; what it changes: docs/export.md.
+        calibration: images, folders or glob patterns (one, or a list); the first ``calibration_count`` images
+            calibrate ``int8-static`` (:func:`~detforge.inference.quantize.calibration_sources`).
 
     Returns:
         ``out``.
@@ -181,6 +183,7 @@ def export_model(
         TrackingError: a ``model:`` reference that does not resolve.
     """
     _check_options(format, opset, score_threshold, quantize)
+    calibrate = calibration_sources(quantize, calibration, calibration_count)
     source, path = _resolve_source(os.fspath(ref))
     metadata = load_checkpoint_metadata(path)
     model = Predictor.load(path, score_threshold=0.0, precision="fp32", channels_last=False).model
@@ -191,7 +194,7 @@ def export_model(
     with warnings.catch_warnings():
         _hide_exporter_noise()
         try:
-            data = _onnx_bytes(model, info, opset) if format == "onnx" else _torchscript_bytes(model, info)
+            data = _onnx_bytes(model, info, opset, calibrate) if format == "onnx" else _torchscript_bytes(model, info)
         except Exception as exc:  # torch raises many types; keep its message, name what was exported
             raise CheckpointError(f"{source}: {format} export of {info.arch} failed ({summarize(exc)}).") from exc
     return atomic_write_bytes(out, data)
@@ -300,7 +303,7 @@ def _output_names(task: str) -> list[str]:
     return ["boxes", "labels", "scores", *extra]
 
 
-def _onnx_bytes(model: nn.Module, info: ExportMetadata, opset: int) -> bytes:
+def _onnx_bytes(model: nn.Module, info: ExportMetadata, opset: int, calibration: Sequence[Path] = ()) -> bytes:
     onnx = _import_onnx()
     names = _output_names(info.task)
     dynamic_axes: dict[str, dict[int, str]] = {"image": {1: "height", 2: "width"}}
@@ -317,7 +320,7 @@ def _onnx_bytes(model: nn.Module, info: ExportMetadata, opset: int) -> bytes:
                 input_names=["image"], output_names=names, dynamic_axes=dynamic_axes,
             )  # fmt: skip
         if info.quantize:
-            path = _quantized(path, Path(folder) / "model.int8.onnx")
+            path = quantize_onnx(path, Path(folder) / "model.int8.onnx", info.quantize, calibration)
         proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, info.to_props())
     proto.producer_name = "detforge"
@@ -388,25 +391,6 @@ def _instance_method(objects: Iterable[Any], name: str, function: Callable[..., 
     finally:
         for obj in objects:
             delattr(obj, name)
-
-
-def _quantized(path: Path, out: Path) -> Path:
-    """``path`` with its fully connected layers quantized to int8 (ONNX Runtime's dynamic quantization)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    advice = _DropPreprocessingAdvice()
-    root.addFilter(advice)  # it advises a pre-processing pass that only matters to static quantization
-    try:
-        quantize_dynamic(path, out, op_types_to_quantize=QUANTIZED_OPS, weight_type=QuantType.QInt8)
-    finally:
-        root.removeFilter(advice)
-    return out
-
-
-class _DropPreprocessingAdvice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
 
 
 def _decode_any_count(self: BoxCoder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
