@@ -26,6 +26,7 @@ runner = CliRunner()
 
 
 MIN_ITEMS_TO_EXPORT = 20  # auto's is 200: fewer frames keep the tests fast, the rule is the same
+INT8_ARCHS = auto.ONNX_INT8
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +108,13 @@ def test_a_big_job_runs_on_onnx_runtime_from_one_cached_export_with_pytorchs_det
     both = sorted((_own_cache / "onnx").glob("*.onnx"))
     assert len(both) == 2 and sum("-int8-" in path.name for path in both) == 1
 
+    # A float export (as --backend onnxruntime makes) serves auto when no int8 one is cached.
+    monkeypatch.setattr(auto, "ONNX_INT8", INT8_ARCHS)
+    next(path for path in both if "-int8-" in path.name).unlink()
+    choice = choose_backend(str(checkpoint), device="cpu", score_threshold=0.05, images=1, videos=[])
+    assert choice.backend == "onnxruntime" and "a cached float ONNX export" in choice.reason
+    assert choice.export == next(path for path in both if "-fp32-" in path.name) and choice.quantize is None
+
 
 def test_small_jobs_missing_onnx_and_failed_exports_run_in_pytorch(
     checkpoint: Path, tmp_path: Path, synthetic_video: VideoFactory, monkeypatch: pytest.MonkeyPatch
@@ -152,10 +160,17 @@ def test_the_choice_follows_device_file_type_and_checkpoint_content(checkpoint: 
     copy.write_bytes(checkpoint.read_bytes())
     changed = tmp_path / "changed.pt"
     changed.write_bytes(checkpoint.read_bytes() + b"\0")
-    name = auto._cached_export_path
-    assert name(str(copy), 0.5) == name(str(checkpoint), 0.5)
-    assert name(str(changed), 0.5) != name(str(checkpoint), 0.5)
-    assert name(str(checkpoint), 0.3) != name(str(checkpoint), 0.5)
+
+    def name(model: Path, threshold: float, quantize: str | None = None) -> Path:
+        return auto._cached_export_paths(str(model), threshold, [quantize])[0]
+
+    assert name(copy, 0.5) == name(checkpoint, 0.5)
+    assert name(changed, 0.5) != name(checkpoint, 0.5)
+    assert name(checkpoint, 0.3) != name(checkpoint, 0.5)
+    import onnxruntime  # an int8 export is ONNX Runtime's quantizer's work: its version is in the name
+
+    int8 = name(checkpoint, 0.5, "int8").name
+    assert "-int8-" in int8 and f"-ort{onnxruntime.__version__}" in int8 and "-ort" not in name(checkpoint, 0.5).name
     image = tmp_path / "frame.png"
     Image.new("RGB", (81, 63), (30, 30, 30)).save(image)
     with pytest.raises(ConfigError, match="backend: expected auto, torch or onnxruntime, found 'tensorrt'"):

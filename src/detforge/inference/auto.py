@@ -106,16 +106,18 @@ def choose_backend(
     if arch not in ONNX_FASTER:
         return BackendChoice("torch", f"ONNX Runtime was not measured faster than PyTorch for {arch or 'this model'}")
     quantize = "int8" if arch in ONNX_INT8 else None
-    export = _cached_export_path(model, score_threshold, quantize)
+    export, plain = _cached_export_paths(model, score_threshold, [quantize, None])
     kind = f"{quantize} ONNX" if quantize else "ONNX"
     if export.is_file():
         return BackendChoice("onnxruntime", f"a cached {kind} export of this checkpoint exists", export, quantize)
+    if plain.is_file():  # made by --backend onnxruntime: still faster than PyTorch
+        return BackendChoice("onnxruntime", "a cached float ONNX export of this checkpoint exists", plain)
     items = images + sum(_frame_count(video) for video in videos)
     if items < MIN_ITEMS_TO_EXPORT:
         return BackendChoice(
             "torch",
             f"{items} images and frames, fewer than {MIN_ITEMS_TO_EXPORT}: a first {kind} export would cost more "
-            "than it saves (--backend onnxruntime to export and cache a float one anyway)",
+            "than it saves (--backend onnxruntime exports and caches a float one, which later jobs then use)",
             export,
             quantize,
         )
@@ -135,7 +137,7 @@ def cached_onnx_export(
     """
     from detforge.inference.export import export_model
 
-    path = path or _cached_export_path(model, score_threshold, quantize)
+    path = path or _cached_export_paths(model, score_threshold, [quantize])[0]
     if path.is_file():
         with contextlib.suppress(OSError):  # a read-only cache, or pruned by another process just now
             os.utime(path)  # used now: the last to be pruned
@@ -173,9 +175,10 @@ def is_onnx_model(model: str) -> bool:
     return model.lower().endswith(".onnx") or _checkpoint_file(model).suffix.lower() == ".onnx"
 
 
-def _cached_export_path(model: str, score_threshold: float, quantize: str | None = None) -> Path:
-    """Where the export of ``model`` lives in the cache: named by the checkpoint's sha256 and the settings that
-    change the exported graph, so a new checkpoint (or a moved alias) never reuses a stale export."""
+def _cached_export_paths(model: str, score_threshold: float, quantizations: list[str | None]) -> list[Path]:
+    """Where the export of ``model`` lives in the cache, for each of ``quantizations`` (None: float): named by the
+    checkpoint's sha256 (hashed once) and the settings and library versions that change the exported graph, so a new
+    checkpoint (or a moved alias) or an upgrade never reuses a stale export."""
     import torch
     import torchvision
 
@@ -183,8 +186,16 @@ def _cached_export_path(model: str, score_threshold: float, quantize: str | None
 
     digest = sha256_file(_checkpoint_file(model))[:20]
     versions = f"torch{torch.__version__}-tv{torchvision.__version__}-detforge{detforge.__version__}"
-    settings = f"s{score_threshold:g}-opset{EXPORT_OPSET}-f{EXPORT_FORMAT_VERSION}-{quantize or 'fp32'}-{versions}"
-    return onnx_cache_dir() / f"{digest}-{settings.replace('+', '_')}.onnx"
+    paths = []
+    for quantize in quantizations:
+        tools = versions
+        if quantize:  # written by ONNX Runtime's quantizer
+            import onnxruntime
+
+            tools += f"-ort{onnxruntime.__version__}"
+        settings = f"s{score_threshold:g}-opset{EXPORT_OPSET}-f{EXPORT_FORMAT_VERSION}-{quantize or 'fp32'}-{tools}"
+        paths.append(onnx_cache_dir() / f"{digest}-{settings.replace('+', '_')}.onnx")
+    return paths
 
 
 def _checkpoint_file(model: str) -> Path:

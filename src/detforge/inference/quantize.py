@@ -132,11 +132,17 @@ def _quiet_preprocessing_advice() -> Iterator[None]:
     inference and graph optimisation) first: the speed and AP in the README were measured without it."""
     root = logging.getLogger()
     advice = _DropPreprocessingAdvice()
+    # logging.warning() would give a root logger without handlers a stderr handler for good (basicConfig).
+    placeholder = logging.NullHandler() if not root.handlers else None
     root.addFilter(advice)
+    if placeholder:
+        root.addHandler(placeholder)
     try:
         yield
     finally:
         root.removeFilter(advice)
+        if placeholder:
+            root.removeHandler(placeholder)
 
 
 class _DropPreprocessingAdvice(logging.Filter):

@@ -14,6 +14,7 @@ tracing for export, an adaptive sampling ratio) goes through torchvision unchang
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -216,6 +217,8 @@ def pool_by_gather(
 
     if len(set(scales)) == 1:
         return pool(0, rois)
+    if len(scales) != round(math.log2(scales[0] / scales[-1])) + 1:  # levels torchvision would leave zero-filled
+        return MultiScaleRoIAlign.forward(pooler, x, boxes, image_shapes)
     levels = pooler.map_levels(boxes)
     pooled, order = [], []
     for level in range(len(features)):
