@@ -517,10 +517,13 @@ def test_static_int8_needs_calibration_images_and_only_it_takes_them(tmp_path: P
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="int8-static: calibration images are needed"):
         export_model(garbage, tmp_path / "x.onnx", quantize="int8-static")
-    with pytest.raises(ConfigError, match="only --quantize int8-static uses calibration images; this export is int8"):
+    only_static = "only --quantize int8-static is calibrated; this export is int8 and was given calibration images"
+    with pytest.raises(ConfigError, match=only_static):
         export_model(garbage, tmp_path / "x.onnx", quantize="int8", calibration=[tmp_path])
-    with pytest.raises(ConfigError, match="this export is not quantized"):
+    with pytest.raises(ConfigError, match="this export is not quantized and was given calibration images"):
         export_model(garbage, tmp_path / "x.onnx", calibration=[tmp_path])
+    with pytest.raises(ConfigError, match=r"this export is int8 and was given a calibration count \(8\)"):
+        export_model(garbage, tmp_path / "x.onnx", quantize="int8", calibration_count=8)
     with pytest.raises(ConfigError, match="nothing.*no such file or folder"):
         export_model(garbage, tmp_path / "x.onnx", quantize="int8-static", calibration=[tmp_path / "nothing"])
     # Checked before the checkpoint is even read: a video and an unreadable image, counted and named, and nothing left.
@@ -541,4 +544,9 @@ def test_static_int8_needs_calibration_images_and_only_it_takes_them(tmp_path: P
     )
     output = " ".join(result.output.split())
     assert result.exit_code != 0 and "calibration images are needed (--calibration DIR)" in output
+    args = ["export", str(garbage), "--out", str(tmp_path / "x.onnx"), "--quantize", "int8"]
+    args += ["--calibration-images", "4"]
+    result = CliRunner().invoke(app, args)
+    output = " ".join(result.output.split())
+    assert result.exit_code != 0 and "was given a calibration count (4)" in output
     assert not (tmp_path / "x.onnx").exists()

@@ -40,8 +40,13 @@ def export_cmd(
         typer.Option(help="Images, folders or globs to calibrate --quantize int8-static on (repeatable)."),
     ] = None,
     calibration_images: Annotated[
-        int, typer.Option(min=1, help="Calibrate on at most this many of them (the first; each folder sorted by path).")
-    ] = DEFAULT_CALIBRATION_IMAGES,
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"Calibrate on at most this many of them (the first; each folder sorted by path) [default: "
+            f"{DEFAULT_CALIBRATION_IMAGES}].",
+        ),
+    ] = None,
     register: Annotated[
         str | None,
         typer.Option(

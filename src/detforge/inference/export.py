@@ -43,7 +43,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from detforge.errors import CheckpointError, ConfigError, summarize
 from detforge.files import atomic_write_bytes, sha256_file
 from detforge.inference.predictor import Predictor, load_checkpoint_metadata
-from detforge.inference.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZATIONS, calibration_sources, quantize_onnx
+from detforge.inference.quantize import QUANTIZATIONS, calibration_sources, quantize_onnx
 from detforge.models.build import get_spec
 from detforge.models.roi_align import pool_by_gather, pool_helpers_available
 from detforge.models.weights import resolve_weights
@@ -157,7 +157,7 @@ def export_model(
     score_threshold: float | None = None,
     quantize: str | None = None,
     calibration: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
-    calibration_count: int = DEFAULT_CALIBRATION_IMAGES,
+    calibration_count: int | None = None,
 ) -> Path:
     """Export the detforge checkpoint ``ref`` to ``out`` as ONNX or TorchScript (see the module doc).
 
@@ -172,7 +172,8 @@ def export_model(
             quantization); ``int8-static``: the convolutions too, calibrated on ``calibration`` (ONNX only, needs
             onnxruntime; :mod:`detforge.inference.quantize`). Faster on a CPU; what it changes: docs/export.md.
         calibration: images, folders or glob patterns (one, or a list); the first ``calibration_count`` images
-            calibrate ``int8-static`` (:func:`~detforge.inference.quantize.calibration_sources`).
+            (default :data:`~detforge.inference.quantize.DEFAULT_CALIBRATION_IMAGES`) calibrate ``int8-static``
+            (:func:`~detforge.inference.quantize.calibration_sources`).
 
     Returns:
         ``out``.

@@ -30,26 +30,30 @@ DEFAULT_CALIBRATION_IMAGES = 32
 
 
 def calibration_sources(
-    quantize: str | None, sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], count: int
+    quantize: str | None,
+    sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    count: int | None = None,
 ) -> list[Path]:
     """The readable calibration images of an export quantized as ``quantize``: the first ``count`` images of
     ``sources`` (files, folders and glob patterns, listed as ``predict`` lists its inputs: in the order given, each
-    folder or pattern sorted). Checked before the slow export; unreadable images and videos are skipped and counted
-    in a warning.
+    folder or pattern sorted; ``count`` None: :data:`DEFAULT_CALIBRATION_IMAGES`). Checked before the slow export;
+    unreadable images and videos are skipped and counted in a warning.
 
     Raises:
-        ConfigError: images given to another mode, none given to ``int8-static``, or none of them readable.
+        ConfigError: images or a count given to another mode, none given to ``int8-static``, or none readable.
     """
     from detforge.inference.run import expand_inputs
 
     sources = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
     if quantize != "int8-static":
-        if sources:
+        if sources or count is not None:
+            given = "calibration images" if sources else f"a calibration count ({count})"
             raise ConfigError(
-                f"calibration: only --quantize int8-static uses calibration images; this export is "
-                f"{quantize or 'not quantized'}. Drop the calibration images or quantize int8-static."
+                f"calibration: only --quantize int8-static is calibrated; this export is "
+                f"{quantize or 'not quantized'} and was given {given}. Drop it or quantize int8-static."
             )
         return []
+    count = DEFAULT_CALIBRATION_IMAGES if count is None else count
     if not sources:
         raise ConfigError(
             "quantize int8-static: calibration images are needed (--calibration DIR): a few dozen like the ones the "
@@ -109,11 +113,11 @@ def _readable(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
 
 
 def _as_input(path: Path) -> np.ndarray:
-    """The image at ``path`` as the export's input: float32 CHW in [0, 1]."""
+    """The image at ``path`` as the export's input: float32 CHW in [0, 1], as ``predict`` feeds it."""
     from detforge.data.images import load_image_rgb
+    from detforge.inference.predictor import to_tensor
 
-    image = np.asarray(load_image_rgb(path), dtype=np.float32) / 255.0
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
+    return np.ascontiguousarray(to_tensor(load_image_rgb(path)).numpy(), dtype=np.float32)
 
 
 class _Reader:

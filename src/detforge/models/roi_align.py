@@ -161,18 +161,14 @@ class FastBackwardMultiScaleRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         if not self._fast_path(x):
             return super().forward(x, boxes, image_shapes)
-        features = _filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
-                features, image_shapes, self.canonical_scale, self.canonical_level
-            )
+        features, scales = _features_and_scales(self, x, image_shapes)
         rois = _convert_to_roi_format(boxes)
         output_size = tuple(self.output_size)
         if len(features) == 1:
-            return roi_align_fast_backward(features[0], rois, output_size, self.scales[0], self.sampling_ratio)
+            return roi_align_fast_backward(features[0], rois, output_size, scales[0], self.sampling_ratio)
         levels = self.map_levels(boxes)
         result = features[0].new_zeros((rois.shape[0], features[0].shape[1], *output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+        for level, (feature, scale) in enumerate(zip(features, scales, strict=True)):
             index = torch.where(levels == level)[0]
             pooled = roi_align_fast_backward(feature, rois[index], output_size, scale, self.sampling_ratio)
             result[index] = pooled.to(result.dtype)
@@ -204,12 +200,7 @@ def pool_by_gather(
     indices); when all maps share one scale (MobileNetV3-FPN: both at stride 32, so torchvision sends every RoI to
     the first), it is a single ``roi_align`` on the first map. Needs torchvision's pooler helpers.
     """
-    features = _filter_input(x, pooler.featmap_names)
-    if pooler.scales is None or pooler.map_levels is None:
-        pooler.scales, pooler.map_levels = _setup_scales(
-            features, image_shapes, pooler.canonical_scale, pooler.canonical_level
-        )
-    scales: list[float] = pooler.scales
+    features, scales = _features_and_scales(pooler, x, image_shapes)
     rois = _convert_to_roi_format(boxes)
 
     def pool(level: int, selected: Tensor) -> Tensor:
@@ -226,6 +217,19 @@ def pool_by_gather(
         pooled.append(pool(level, rois[index]))
         order.append(index)
     return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+
+
+def _features_and_scales(
+    pooler: MultiScaleRoIAlign, x: dict[str, Tensor], image_shapes: list[tuple[int, int]]
+) -> tuple[list[Tensor], list[float]]:
+    """The maps ``pooler`` pools from and their scales, which torchvision's helpers infer on the first call and the
+    pooler keeps (with its level mapper) as torchvision's own forward does."""
+    features = _filter_input(x, pooler.featmap_names)
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            features, image_shapes, pooler.canonical_scale, pooler.canonical_level
+        )
+    return features, pooler.scales
 
 
 def pool_helpers_available() -> bool:
