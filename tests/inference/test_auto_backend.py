@@ -140,6 +140,9 @@ def test_small_jobs_missing_onnx_and_failed_exports_run_in_pytorch(
     low = choose_backend(str(checkpoint), device="cpu", score_threshold=0.01, images=500, videos=[])
     assert low.backend == "torch" and "below 0.05" in low.reason
 
+    monkeypatch.setattr(auto, "_arch", lambda model: "maskrcnn_resnet50_fpn")  # int8 measured fastest, same AP
+    choice = choose_backend(str(checkpoint), device="cpu", score_threshold=0.5, images=500, videos=[])
+    assert (choice.backend, choice.quantize) == ("onnxruntime", "int8") and "exporting to int8 ONNX" in choice.reason
     monkeypatch.setattr(auto, "_arch", lambda model: "maskrcnn_mobilenet_v3_large_fpn")  # not measured faster
     choice = choose_backend(str(checkpoint), device="cpu", score_threshold=0.5, images=500, videos=[])
     assert choice.backend == "torch" and "not measured faster than PyTorch for maskrcnn_mobilenet" in choice.reason
