@@ -95,6 +95,14 @@ class ModelConfig(_Section):
     box_head_fc_dim: int | None = Field(
         None, gt=0, description="R-CNN: width of the box head's two fully connected layers (default 1024)."
     )
+    box_head_num_conv: int | None = Field(
+        None, ge=0, description="R-CNN: 3x3 convs with BatchNorm before the box head's one fully connected layer "
+        "(Detectron2's ROI_BOX_HEAD.NUM_CONV with NORM BN; learns faster from random weights); 0 or unset: two "
+        "fully connected layers."
+    )  # fmt: skip
+    box_head_conv_dim: int | None = Field(
+        None, gt=0, description="R-CNN: channels of the box head's convs (default 256; needs box_head_num_conv)."
+    )
     mask_head_conv_dim: int | None = Field(
         None, gt=0, description="Mask R-CNN: channels of the mask head's convs (default 256; 128 is ~4x cheaper)."
     )

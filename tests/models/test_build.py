@@ -19,7 +19,8 @@ from detforge.models.build import get_spec, is_torchvision_weight_name
 
 SIZE = {"min_size": (128,), "max_size": 160}
 FAST = {"fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
-        "maskrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large"}  # fmt: skip
+        "maskrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large", "fasterrcnn_resnet18_fpn",
+        "maskrcnn_resnet18_fpn"}  # fmt: skip
 
 
 def _build(arch: str, num_classes: int = 2, **cfg: object) -> nn.Module:
@@ -122,6 +123,59 @@ def test_head_sizes_build_narrower_heads_that_train_and_predict() -> None:
         _build("fasterrcnn_mobilenet_v3_large_fpn", mask_head_conv_dim=64)
     with pytest.raises(ConfigError, match="model.box_head_fc_dim: only R-CNN architectures.*'retinanet"):
         _build("retinanet_resnet50_fpn", box_head_fc_dim=64)
+
+
+def test_conv_box_head_has_batchnorm_convs_and_one_fully_connected_layer() -> None:
+    torch.manual_seed(0)
+    model = _build("maskrcnn_resnet18_fpn", box_head_num_conv=2, box_head_conv_dim=32, box_head_fc_dim=64,
+                   detections_per_image=5)  # fmt: skip
+    heads = model.roi_heads
+    convs = [m for m in heads.box_head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(256, 32, (3, 3)), (32, 32, (3, 3))]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in heads.box_head.modules()) == 2
+    (fc,) = [m for m in heads.box_head.modules() if isinstance(m, nn.Linear)]
+    assert (fc.in_features, fc.out_features) == (32 * 7 * 7, 64)
+    assert (heads.box_predictor.cls_score.in_features, heads.box_predictor.cls_score.out_features) == (64, 3)
+    _shrink_for_test(model)
+    model.train()
+    losses = model([torch.rand(3, 96, 128)] * 2, [_target()] * 2)
+    sum(losses.values()).backward()
+    assert convs[0].weight.grad is not None and convs[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 96, 128)])
+    assert out["boxes"].shape[1:] == (4,) and len(out["boxes"]) <= 5
+    default_width = _build("fasterrcnn_resnet18_fpn", box_head_num_conv=1).roi_heads
+    assert [m.out_channels for m in default_width.box_head.modules() if isinstance(m, nn.Conv2d)] == [256]
+    assert default_width.box_predictor.cls_score.in_features == 1024
+    with pytest.raises(ConfigError, match="box_head_conv_dim=64 sizes the box head's convs, but box_head_num_conv"):
+        _build("fasterrcnn_resnet18_fpn", box_head_conv_dim=64)
+    with pytest.raises(ConfigError, match="model.box_head_num_conv: only R-CNN architectures.*'ssdlite"):
+        _build("ssdlite320_mobilenet_v3_large", box_head_num_conv=2)
+
+
+def test_resnet18_fpn_pools_from_strides_8_to_32_and_takes_imagenet_backbone_weights(tmp_path: Path) -> None:
+    from torchvision.models import resnet18
+
+    model = _build("maskrcnn_resnet18_fpn")
+    features = model.backbone(torch.rand(1, 3, 128, 160))
+    assert {k: tuple(v.shape[-2:]) for k, v in features.items()} == {
+        "0": (16, 20), "1": (8, 10), "2": (4, 5), "pool": (2, 3)
+    }  # fmt: skip
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [3, 3, 3, 3]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.body.modules())  # trains from random weights
+    assert all(p.requires_grad for p in model.backbone.body.parameters())
+    classifier = resnet18()
+    path = tmp_path / "imagenet.pt"
+    torch.save(classifier.state_dict(), path)
+    trained = _build("maskrcnn_resnet18_fpn", backbone_weights=str(path))
+    assert trained.weights_report.loaded and all(k.startswith("backbone.body.") for k in trained.weights_report.loaded)
+    torch.testing.assert_close(trained.backbone.body.conv1.weight, classifier.conv1.weight)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trained.backbone.body.modules())  # frozen, as torchvision
+    url = torchvision_weight_url("maskrcnn_resnet18_fpn", "IMAGENET1K_V1")
+    assert url.startswith("https://download.pytorch.org/models/resnet18-") and url.endswith(".pth")
+    with pytest.raises(ConfigError, match="has no torchvision weights"):
+        _build("maskrcnn_resnet18_fpn", weights="COCO_V1")
 
 
 @pytest.mark.parametrize("arch", ["maskrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn_detectron2"])

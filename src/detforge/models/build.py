@@ -24,7 +24,11 @@ from torchvision import models as tvm
 from torchvision.models import detection as tvd
 from torchvision.models._api import WeightsEnum
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _validate_trainable_layers, mobilenet_backbone
+from torchvision.models.detection.backbone_utils import (
+    _resnet_fpn_extractor,
+    _validate_trainable_layers,
+    mobilenet_backbone,
+)
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.fcos import FCOSClassificationHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
@@ -89,6 +93,74 @@ def maskrcnn_mobilenet_v3_large_fpn(
     )
 
 
+# ResNet-18 FPN: the C3-C5 maps (strides 8, 16, 32) and a pooled level, as torchvision's RetinaNet and FCOS take
+# them; no stride-4 level, whose FPN and RPN work dominate a CPU step. One anchor size per level.
+R18_RETURNED_LAYERS = [2, 3, 4]
+R18_ANCHOR_SIZES = ((32,), (64,), (128,), (256,))
+
+
+def _resnet18_fpn_rcnn(
+    model_class: type[tvd.FasterRCNN],
+    *,
+    weights: None,
+    progress: bool,
+    num_classes: int | None,
+    weights_backbone: tvm.ResNet18_Weights | None,
+    trainable_backbone_layers: int | None,
+    **kwargs: Any,
+) -> Any:
+    """A torchvision Faster or Mask R-CNN on a ResNet-18 FPN (torchvision has the parts but no builder or COCO
+    weights): BatchNorm trained from random weights, frozen with ImageNet backbone weights, as torchvision's ResNet-50
+    builders do; RoIs pooled from the three FPN maps."""
+    name = f"{model_class.__name__.lower()}_resnet18_fpn"
+    if weights is not None:
+        raise ConfigError(f"{name} has no torchvision weights; use backbone weights (IMAGENET1K_V1).")
+    weights_backbone = tvm.ResNet18_Weights.verify(weights_backbone)
+    is_trained = weights_backbone is not None
+    trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
+    norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    body = tvm.resnet18(weights=weights_backbone, progress=progress, norm_layer=norm_layer)
+    backbone = _resnet_fpn_extractor(body, trainable, returned_layers=R18_RETURNED_LAYERS)
+    anchors = AnchorGenerator(R18_ANCHOR_SIZES, ((0.5, 1.0, 2.0),) * len(R18_ANCHOR_SIZES))
+    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2))
+    if model_class is tvd.MaskRCNN:
+        kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(["0", "1", "2"], output_size=14, sampling_ratio=2))
+    classes = 91 if num_classes is None else num_classes
+    return model_class(backbone, num_classes=classes, rpn_anchor_generator=anchors, **kwargs)
+
+
+def fasterrcnn_resnet18_fpn(
+    *,
+    weights: None = None,
+    progress: bool = True,
+    num_classes: int | None = None,
+    weights_backbone: tvm.ResNet18_Weights | None = None,
+    trainable_backbone_layers: int | None = None,
+    **kwargs: Any,
+) -> tvd.FasterRCNN:
+    """Faster R-CNN on a ResNet-18 FPN (see :func:`_resnet18_fpn_rcnn`)."""
+    return _resnet18_fpn_rcnn(
+        tvd.FasterRCNN, weights=weights, progress=progress, num_classes=num_classes,
+        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, **kwargs,
+    )  # fmt: skip
+
+
+def maskrcnn_resnet18_fpn(
+    *,
+    weights: None = None,
+    progress: bool = True,
+    num_classes: int | None = None,
+    weights_backbone: tvm.ResNet18_Weights | None = None,
+    trainable_backbone_layers: int | None = None,
+    **kwargs: Any,
+) -> tvd.MaskRCNN:
+    """Mask R-CNN on a ResNet-18 FPN (see :func:`_resnet18_fpn_rcnn`)."""
+    return _resnet18_fpn_rcnn(
+        tvd.MaskRCNN, weights=weights, progress=progress, num_classes=num_classes,
+        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, **kwargs,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One architecture: its builder, its task and the torchvision weight enums it accepts by name."""
@@ -133,6 +205,14 @@ MODELS: dict[str, ModelSpec] = {
     "maskrcnn_mobilenet_v3_large_fpn": ModelSpec(
         maskrcnn_mobilenet_v3_large_fpn, "segmentation", None, _MBV3,
         "Mask R-CNN, MobileNetV3-Large FPN (no COCO weights: start from ImageNet backbone weights).",
+    ),
+    "fasterrcnn_resnet18_fpn": ModelSpec(
+        fasterrcnn_resnet18_fpn, "detection", None, tvm.ResNet18_Weights,
+        "Faster R-CNN, ResNet-18 FPN (no COCO weights); learns faster than MobileNetV3 from random weights on a CPU.",
+    ),
+    "maskrcnn_resnet18_fpn": ModelSpec(
+        maskrcnn_resnet18_fpn, "segmentation", None, tvm.ResNet18_Weights,
+        "Mask R-CNN, ResNet-18 FPN (no COCO weights); learns faster than MobileNetV3 from random weights on a CPU.",
     ),
     "keypointrcnn_resnet50_fpn": ModelSpec(
         tvd.keypointrcnn_resnet50_fpn, "keypoints", tvd.KeypointRCNN_ResNet50_FPN_Weights, _R50,
@@ -282,7 +362,7 @@ def _check_model_config(spec: ModelSpec, cfg: ModelConfig, *, num_classes: int, 
         )
     if spec.family == "ssd" and cfg.backbone_weights and not is_torchvision_weight_name(cfg.backbone_weights):
         raise ConfigError("model.backbone_weights: SSDlite takes only torchvision backbone names (IMAGENET1K_V1).")
-    given = [key for key in (*_RCNN_SAMPLING, "box_head_fc_dim") if getattr(cfg, key) is not None]
+    given = [key for key in (*_RCNN_SAMPLING, *_BOX_HEAD) if getattr(cfg, key) is not None]
     if (cfg.mask_head_conv_dim or cfg.mask_head_num_conv) and spec.task != "segmentation":  # before any download
         raise ConfigError(f"model.mask_head_conv_dim/mask_head_num_conv: '{cfg.arch}' has no mask head; remove them.")
     if given and spec.family != "rcnn":
@@ -299,6 +379,7 @@ def _check_model_config(spec: ModelSpec, cfg: ModelConfig, *, num_classes: int, 
 
 
 _RCNN_SAMPLING = ("box_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train")
+_BOX_HEAD = ("box_head_fc_dim", "box_head_num_conv", "box_head_conv_dim")
 
 
 def _size_kwargs(spec: ModelSpec, min_size: Sequence[int], max_size: int) -> dict[str, Any]:
