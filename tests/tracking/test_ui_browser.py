@@ -200,7 +200,7 @@ def check_prediction_images(page: Page, image_keys: list[str], *, step: int, scr
     for key in image_keys:
         card = page.locator(CARD).filter(has=page.get_by_role("heading", name=key, exact=True))
         show_step(card, step)
-        image = card.locator(f'img[src*="{key}%2Bstep%2B{step}%2B"]')
+        image = logged_image(card, key, step)
         assert image.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0, key
     page.screenshot(path=screenshots / "run-images.png")
     # A card lists every run parameter above its picture, which pushes the picture out of sight; the full-screen
@@ -209,12 +209,22 @@ def check_prediction_images(page: Page, image_keys: list[str], *, step: int, scr
     first.locator("button[data-component-id=fullscreen_button_chartcard]").click()
     dialog = page.get_by_role("dialog")
     show_step(dialog, step)
-    picture = dialog.locator(f'img[src*="{image_keys[0]}%2Bstep%2B{step}%2B"]')
+    picture = logged_image(dialog, image_keys[0], step)
     picture.scroll_into_view_if_needed()
     expect(picture).to_be_in_viewport()
     page.screenshot(path=screenshots / "run-image-fullscreen.png")
     picture.screenshot(path=screenshots / f"{image_keys[0]}-step{step}.png")
     page.keyboard.press("Escape")
+
+
+def logged_image(container: Locator, key: str, step: int) -> Locator:
+    """The picture of image ``key`` at ``step`` in a card or dialog whose slider shows ``step``.
+
+    MLflow up to 3.17 points the ``img`` at the artifact (``images/<key>+step+<step>+…``); 3.18 fetches the
+    artifact itself and shows it through a ``blob:`` URL, so there the card's heading and slider say which image it
+    is.
+    """
+    return container.locator(f'img[src*="{key}%2Bstep%2B{step}%2B"], img[src^="blob:"]').first
 
 
 def show_step(container: Locator, step: int) -> None:
