@@ -93,12 +93,13 @@ class ModelConfig(_Section):
         "1000 in the Detectron2 variants).",
     )
     box_head_fc_dim: int | None = Field(
-        None, gt=0, description="R-CNN: width of the box head's two fully connected layers (default 1024)."
-    )
+        None, gt=0, description="R-CNN: width of the box head's fully connected layers: its two (default 1024), or "
+        "the one after box_head_num_conv convs."
+    )  # fmt: skip
     box_head_num_conv: int | None = Field(
-        None, ge=0, description="R-CNN: 3x3 convs with BatchNorm before the box head's one fully connected layer "
-        "(Detectron2's ROI_BOX_HEAD.NUM_CONV with NORM BN; learns faster from random weights); 0 or unset: two "
-        "fully connected layers."
+        None, ge=0, description="R-CNN: a box head of this many 3x3 convs with BatchNorm, then one fully connected "
+        "layer (Detectron2's ROI_BOX_HEAD.NUM_CONV with NORM BN; learns faster from random weights); replaces the "
+        "model's box head, trained or not. 0 or unset: the model's own head."
     )  # fmt: skip
     box_head_conv_dim: int | None = Field(
         None, gt=0, description="R-CNN: channels of the box head's convs (default 256; needs box_head_num_conv)."

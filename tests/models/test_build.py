@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models._api import WeightsEnum
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detforge.config import ModelConfig
@@ -150,8 +151,29 @@ def test_conv_box_head_has_batchnorm_convs_and_one_fully_connected_layer() -> No
     assert default_width.box_predictor.cls_score.in_features == 1024
     with pytest.raises(ConfigError, match="box_head_conv_dim=64 sizes the box head's convs, but box_head_num_conv"):
         _build("fasterrcnn_resnet18_fpn", box_head_conv_dim=64)
+    with pytest.raises(ConfigError, match="but box_head_num_conv is 0"):
+        _build("fasterrcnn_resnet18_fpn", box_head_num_conv=0, box_head_conv_dim=64)
+    assert isinstance(_build("fasterrcnn_resnet18_fpn", box_head_num_conv=0).roi_heads.box_head, TwoMLPHead)
     with pytest.raises(ConfigError, match="model.box_head_num_conv: only R-CNN architectures.*'ssdlite"):
         _build("ssdlite320_mobilenet_v3_large", box_head_num_conv=2)
+
+
+def test_weights_of_another_box_head_kind_load_without_its_predictor(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "fc_head.pt"
+    torch.save(_build("fasterrcnn_resnet18_fpn").state_dict(), path)  # two fully connected layers of 1024
+    model = _build("fasterrcnn_resnet18_fpn", weights=str(path), box_head_num_conv=2)  # convs, then one fc of 1024
+    report = model.weights_report
+    predictor = {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+                 "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"}  # fmt: skip
+    assert predictor <= set(report.reinitialised) and not predictor & set(report.loaded)
+    assert {"roi_heads.box_head.fc6.weight", "roi_heads.box_head.fc7.weight"} <= set(report.unexpected)
+    assert any(k.startswith("backbone.body.") for k in report.loaded)
+    saved = torch.load(path, weights_only=True)
+    fresh = model.roi_heads.box_predictor.cls_score.weight
+    assert not torch.equal(fresh, saved["roi_heads.box_predictor.cls_score.weight"])
+    same_kind = _build("fasterrcnn_resnet18_fpn", weights=str(path)).weights_report
+    assert predictor <= set(same_kind.loaded)  # the same kind of head keeps its predictor
 
 
 def test_resnet18_fpn_pools_from_strides_8_to_32_and_takes_imagenet_backbone_weights(tmp_path: Path) -> None:

@@ -41,17 +41,20 @@ MIN_ITEMS_TO_EXPORT = 200
 EXPORT_OPSET = 17
 # Architectures on which benchmarks/inference.py measured ONNX Runtime fastest with the same box AP (README,
 # "Performance"): a trained Faster R-CNN MobileNetV3-FPN at 320 px ran 1.88x eager fp32 (bf16 + channels-last
-# 1.16x). The 320 model is the same network on smaller inputs. Mask R-CNN R50-FPN (250 steps) ran 1.88x at 320 px
-# (bf16 1.24x); at its default 800 px, ONNX Runtime 1.19x and its int8 export 1.35x against bf16's 1.33x. The other
-# mask models stay out: Mask R-CNN MobileNetV3-FPN ran 1.42x at 320 px trained, but 0.7-0.8x at 512 px with many
-# detections (its graph pastes every mask at full image size, which costs most with a light backbone).
+# 1.16x) on an Intel Xeon with AVX-512 VNNI, 1.94x (bf16 1.12x) on an AMD EPYC Zen 5. The 320 model is the same
+# network on smaller inputs. Mask R-CNN R50-FPN (250 steps) at 320 px: 1.88x (bf16 1.24x) on the Xeon, 2.18x (bf16
+# 1.24x) on the Zen 5; at its default 800 px on the Zen 5, ONNX Runtime 1.19x and its int8 export 1.35x against
+# bf16's 1.33x (one run; box AP too low there to judge). The other mask models stay out: Mask R-CNN
+# MobileNetV3-FPN ran 1.42x at 320 px trained, but 0.7-0.8x at 512 px with many detections (its graph pastes every
+# mask at full image size, which costs most with a light backbone).
 ONNX_FASTER = frozenset(
     {"fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn"}
 )
 # Of those, the ones whose int8 export (fully connected layers quantized, ``export_model(quantize="int8")``) measured
-# faster still with the same box AP, on CPUs with AVX-512 VNNI: Faster R-CNN MobileNetV3-FPN at 320 px, 2.50x eager
-# fp32 against 1.88x for the float export (box AP 0.4094 against 0.4085; 1.89x against 1.57x on a CPU with AVX2
-# only); Mask R-CNN R50-FPN at 320 px, 2.24x against 1.88x (box AP 0.2157 against 0.2152) (README, "Performance").
+# faster still with the same box AP, on CPUs with AVX-512 VNNI, at 320 px: Faster R-CNN MobileNetV3-FPN 2.50x eager
+# fp32 against 1.88x for the float export on the Xeon (box AP 0.4094 against 0.4085), 2.49x against 1.94x on the
+# Zen 5 (1.89x against 1.57x on a CPU with AVX2 only); Mask R-CNN R50-FPN 2.24x against 1.88x on the Xeon (box AP
+# 0.2157 against 0.2152), 2.54x against 2.18x on the Zen 5 (0.2294 against 0.2297) (README, "Performance").
 ONNX_INT8 = frozenset(
     {"fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn"}
 )

@@ -47,7 +47,11 @@ def calibration_sources(
     sources = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
     if quantize != "int8-static":
         if sources or count is not None:
-            given = "calibration images" if sources else f"a calibration count ({count})"
+            given = (
+                "calibration images (--calibration / calibration)"
+                if sources
+                else f"a calibration count ({count}; --calibration-images / calibration_count)"
+            )
             raise ConfigError(
                 f"calibration: only --quantize int8-static is calibrated; this export is "
                 f"{quantize or 'not quantized'} and was given {given}. Drop it or quantize int8-static."

@@ -363,6 +363,11 @@ def _check_model_config(spec: ModelSpec, cfg: ModelConfig, *, num_classes: int, 
     if spec.family == "ssd" and cfg.backbone_weights and not is_torchvision_weight_name(cfg.backbone_weights):
         raise ConfigError("model.backbone_weights: SSDlite takes only torchvision backbone names (IMAGENET1K_V1).")
     given = [key for key in (*_RCNN_SAMPLING, *_BOX_HEAD) if getattr(cfg, key) is not None]
+    if cfg.box_head_conv_dim is not None and not cfg.box_head_num_conv:  # before any download
+        raise ConfigError(
+            f"model.box_head_conv_dim={cfg.box_head_conv_dim} sizes the box head's convs, but box_head_num_conv is "
+            f"{cfg.box_head_num_conv}; set box_head_num_conv (e.g. 4) or remove box_head_conv_dim."
+        )
     if (cfg.mask_head_conv_dim or cfg.mask_head_num_conv) and spec.task != "segmentation":  # before any download
         raise ConfigError(f"model.mask_head_conv_dim/mask_head_num_conv: '{cfg.arch}' has no mask head; remove them.")
     if given and spec.family != "rcnn":

@@ -356,6 +356,12 @@ def fit_state_dict(
             report.reinitialised.append(key)
         else:
             mismatched.append(f"{key} {tuple(tensor.shape)} vs {tuple(target[key].shape)}")
+    if any(key.startswith("roi_heads.box_head.") for key in report.unexpected):
+        # Another kind of box head (fully connected layers vs convs, model.box_head_num_conv): the box predictor
+        # would read other features, so it starts fresh with the head.
+        for key in [k for k in fitting if k.startswith("roi_heads.box_predictor.")]:
+            del fitting[key]
+            report.reinitialised.append(key)
     if mismatched:
         raise CheckpointError(
             f"{source}: {len(mismatched)} tensors have other shapes than the model's ({_few(mismatched)}). "
