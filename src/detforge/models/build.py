@@ -11,6 +11,7 @@ Targets and predictions use torchvision's keys: ``boxes`` (float, ``[N, 4]``, ab
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import urllib.error
@@ -102,11 +103,11 @@ R18_ANCHOR_SIZES = ((32,), (64,), (128,), (256,))
 def _resnet18_fpn_rcnn(
     model_class: type[tvd.FasterRCNN],
     *,
-    weights: None,
-    progress: bool,
-    num_classes: int | None,
-    weights_backbone: tvm.ResNet18_Weights | None,
-    trainable_backbone_layers: int | None,
+    weights: None = None,
+    progress: bool = True,
+    num_classes: int | None = None,
+    weights_backbone: tvm.ResNet18_Weights | None = None,
+    trainable_backbone_layers: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """A torchvision Faster or Mask R-CNN on a ResNet-18 FPN (torchvision has the parts but no builder or COCO
@@ -129,36 +130,9 @@ def _resnet18_fpn_rcnn(
     return model_class(backbone, num_classes=classes, rpn_anchor_generator=anchors, **kwargs)
 
 
-def fasterrcnn_resnet18_fpn(
-    *,
-    weights: None = None,
-    progress: bool = True,
-    num_classes: int | None = None,
-    weights_backbone: tvm.ResNet18_Weights | None = None,
-    trainable_backbone_layers: int | None = None,
-    **kwargs: Any,
-) -> tvd.FasterRCNN:
-    """Faster R-CNN on a ResNet-18 FPN (see :func:`_resnet18_fpn_rcnn`)."""
-    return _resnet18_fpn_rcnn(
-        tvd.FasterRCNN, weights=weights, progress=progress, num_classes=num_classes,
-        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, **kwargs,
-    )  # fmt: skip
-
-
-def maskrcnn_resnet18_fpn(
-    *,
-    weights: None = None,
-    progress: bool = True,
-    num_classes: int | None = None,
-    weights_backbone: tvm.ResNet18_Weights | None = None,
-    trainable_backbone_layers: int | None = None,
-    **kwargs: Any,
-) -> tvd.MaskRCNN:
-    """Mask R-CNN on a ResNet-18 FPN (see :func:`_resnet18_fpn_rcnn`)."""
-    return _resnet18_fpn_rcnn(
-        tvd.MaskRCNN, weights=weights, progress=progress, num_classes=num_classes,
-        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, **kwargs,
-    )  # fmt: skip
+# Builders with torchvision's keyword arguments (weights, progress, num_classes, weights_backbone, ...).
+fasterrcnn_resnet18_fpn = functools.partial(_resnet18_fpn_rcnn, tvd.FasterRCNN)
+maskrcnn_resnet18_fpn = functools.partial(_resnet18_fpn_rcnn, tvd.MaskRCNN)
 
 
 @dataclass(frozen=True)
