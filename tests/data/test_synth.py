@@ -111,3 +111,19 @@ def test_object_sizes_are_a_tenth_to_about_half_of_the_side(synth_dir: Path) -> 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_objects"):
         synth_shapes(tmp_path, images=1, max_objects=0)
+
+
+def test_extent_and_max_objects_set_the_shape_sizes_and_count(tmp_path: Path) -> None:
+    ds = load_coco(synth_shapes(tmp_path, images=10, seed=5, size=SIZE, max_objects=1, extent=(0.5, 0.5)))
+    assert [sum(a.image_id == img.id for a in ds.annotations) for img in ds.images] == [1] * 10
+    sides = {n: [] for n in SHAPE_CLASSES}
+    for a in ds.annotations:  # one shape per image: never occluded, so its box is the whole shape
+        sides[SHAPE_CLASSES[a.category_id - 1]].append(max(a.bbox[2], a.bbox[3]) / min(SIZE))
+    assert all(abs(s - 0.5) <= 0.03 for s in sides["circle"]), sides["circle"]
+    assert all(0.5 - 0.03 <= s <= 0.5 * np.sqrt(2) + 0.03 for s in sides["square"]), sides["square"]
+
+
+@pytest.mark.parametrize("extent", [(0.0, 0.3), (0.4, 0.2), (0.2, 0.7)])
+def test_bad_extents_are_refused(tmp_path: Path, extent: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match=r"extent\[0\] <= extent\[1\] <= 0.6"):
+        synth_shapes(tmp_path, images=1, extent=extent)

@@ -285,11 +285,18 @@ def synth(
     images: Annotated[int, typer.Option(help="Number of images.")] = 200,
     seed: Seed = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    max_objects: Annotated[int, typer.Option(help="At most this many shapes per image.")] = 6,
+    extent: Annotated[
+        tuple[float, float], typer.Option(help="Smallest and largest shape extent, as a share of the side.")
+    ] = (0.10, 0.40),
 ) -> None:
     """Write a deterministic synthetic shapes dataset (circles, squares, triangles with masks)."""
     from detforge.data.synth import synth_shapes
 
-    path = synth_shapes(out, images=images, seed=seed, size=(size, size))
+    try:
+        path = synth_shapes(out, images=images, seed=seed, size=(size, size), max_objects=max_objects, extent=extent)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     console.print(f"Wrote {path}", highlight=False)
 
 

@@ -27,7 +27,7 @@ __all__ = ["SHAPE_CLASSES", "synth_image", "synth_shapes"]
 SHAPE_CLASSES = ("circle", "square", "triangle")
 MIN_VISIBLE_FRACTION = 0.3  # shapes occluded by more than 70 % are not drawn
 MIN_VISIBLE_AREA_FRACTION = 0.002  # nor shapes left with fewer pixels than this share of the image
-_SIZE_RANGE = (0.10, 0.40)  # shape extent as a share of the shorter image side
+EXTENT = (0.10, 0.40)  # default shape extent (diameter, side) as a share of the shorter image side
 _MIN_CONTRAST = 120.0  # RGB distance between a shape and what lies under it
 
 
@@ -46,6 +46,7 @@ def synth_shapes(
     seed: int = 0,
     size: tuple[int, int] = (256, 256),
     max_objects: int = 6,
+    extent: tuple[float, float] = EXTENT,
 ) -> Path:
     """Write ``images`` PNGs to ``out_dir/images/`` and their COCO file; return ``out_dir/annotations.json``.
 
@@ -55,15 +56,17 @@ def synth_shapes(
         seed: the same seed gives byte-identical images and JSON.
         size: ``(width, height)`` of every image in pixels.
         max_objects: at most this many shapes per image (at least one is always drawn).
+        extent: (smallest, largest) shape extent (a circle's diameter, a square's side) as a share of the
+            shorter image side, drawn uniformly; ``0 < smallest <= largest <= 0.6``.
 
     Returns:
         The path of the COCO json: categories "circle" (1), "square" (2), "triangle" (3); masks as RLE
         with string counts; boxes and areas of the visible masks.
     """
-    if images < 0 or max_objects < 1 or min(size) < 16:
+    if images < 0 or max_objects < 1 or min(size) < 16 or not 0 < extent[0] <= extent[1] <= 0.6:
         raise ValueError(
-            f"need images >= 0, max_objects >= 1 and both sides >= 16; got images={images}, "
-            f"max_objects={max_objects}, size={size}"
+            f"need images >= 0, max_objects >= 1, both sides >= 16 and 0 < extent[0] <= extent[1] <= 0.6; "
+            f"got images={images}, max_objects={max_objects}, size={size}, extent={extent}"
         )
     out_dir = Path(out_dir).resolve()
     image_dir = out_dir / "images"
@@ -71,13 +74,11 @@ def synth_shapes(
     ds = Dataset(
         info={"description": "detforge synthetic shapes", "seed": seed, "version": "1"},
         image_root=str(image_dir),
-        categories=[
-            Category(id=k + 1, name=name, supercategory="shape") for k, name in enumerate(SHAPE_CLASSES)
-        ],
+        categories=[Category(id=k + 1, name=name, supercategory="shape") for k, name in enumerate(SHAPE_CLASSES)],
     )
     digits = max(5, len(str(images)))
     for index in track(range(images), "Drawing shapes", total=images):
-        pixels, objects = synth_image(index, seed=seed, size=size, max_objects=max_objects)
+        pixels, objects = synth_image(index, seed=seed, size=size, max_objects=max_objects, extent=extent)
         file_name = f"shapes_{index:0{digits}d}.png"
         buf = io.BytesIO()
         PILImage.fromarray(pixels).save(buf, format="PNG")
@@ -104,13 +105,19 @@ def _annotation(obj: SynthObject, *, ann_id: int, image_id: int) -> Annotation:
 
 
 def synth_image(
-    index: int, *, seed: int = 0, size: tuple[int, int] = (256, 256), max_objects: int = 6
+    index: int,
+    *,
+    seed: int = 0,
+    size: tuple[int, int] = (256, 256),
+    max_objects: int = 6,
+    extent: tuple[float, float] = EXTENT,
 ) -> tuple[np.ndarray, list[SynthObject]]:
     """Image ``index`` of the ``seed`` set: (H, W, 3) uint8 pixels and its visible objects, bottom first."""
     rng = np.random.default_rng([seed, index])
     width, height = size
     background = _background(rng, height, width)
-    shapes = [_random_shape(rng, height, width) for _ in range(int(rng.integers(1, max_objects + 1)))]
+    count = int(rng.integers(1, max_objects + 1))
+    shapes = [_random_shape(rng, height, width, extent) for _ in range(count)]
     kept = _visible_shapes(shapes, min_area=MIN_VISIBLE_AREA_FRACTION * width * height)
     pixels = background.copy()
     objects = []
@@ -143,10 +150,12 @@ def _visible_shapes(
     return kept[::-1]
 
 
-def _random_shape(rng: np.random.Generator, height: int, width: int) -> tuple[int, np.ndarray]:
+def _random_shape(
+    rng: np.random.Generator, height: int, width: int, extent_range: tuple[float, float]
+) -> tuple[int, np.ndarray]:
     """A class index and the full (unoccluded) mask of one shape, kept inside the image."""
     class_index = int(rng.integers(len(SHAPE_CLASSES)))
-    extent = rng.uniform(*_SIZE_RANGE) * min(height, width)
+    extent = rng.uniform(*extent_range) * min(height, width)
     # A circle's extent is its diameter, a square's its side; a triangle gets a slightly larger circumcircle
     # so that the three classes look about equally big.
     reach = extent / 2.0 * (1.0, np.sqrt(2.0), 1.2)[class_index]
@@ -166,9 +175,7 @@ def _random_shape(rng: np.random.Generator, height: int, width: int) -> tuple[in
     return class_index, mask
 
 
-def _regular_polygon(
-    gx: np.ndarray, gy: np.ndarray, sides: int, circumradius: float, angle: float
-) -> np.ndarray:
+def _regular_polygon(gx: np.ndarray, gy: np.ndarray, sides: int, circumradius: float, angle: float) -> np.ndarray:
     """Points inside a regular polygon centred at the origin: the intersection of its edges' half-planes."""
     apothem = circumradius * np.cos(np.pi / sides)
     inside = np.ones(gx.shape, dtype=bool)
