@@ -14,7 +14,9 @@ from detforge.cli.main import app
 from detforge.config import ModelConfig
 from detforge.data.formats.coco import load_coco
 from detforge.data.loader import DetectionDataset, collate_detection
+from detforge.engine.callbacks import Callback, StepOutput
 from detforge.engine.checkpoint import load_checkpoint
+from detforge.engine.trainer import Trainer
 from detforge.errors import CheckpointError, ConfigError, DatasetError
 from detforge.evaluation.coco import evaluate_coco
 from detforge.models.build import build_model
@@ -125,3 +127,36 @@ def test_without_validation_data_best_metrics_are_not_checked(tiny_dataset: Path
         tiny_dataset, tmp_path / "run", data={"val": None}, train={"max_iter": 1}, eval={"best_metric": "segm/AP"}
     )
     assert detforge.train(config).iteration == 1  # nothing evaluates, so nothing uses the metric
+
+
+class _Precision(Callback):
+    """Records, at each step, whether the convs hold channels-last weights and the trainer's autocast dtype."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, torch.dtype | None]] = []
+
+    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+        convs = [m.weight for m in trainer.unwrapped_model.modules() if isinstance(m, torch.nn.Conv2d)]
+        last = all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+        self.seen.append((last, trainer.amp_dtype))
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_auto_picks_bf16_only_where_the_cpu_computes_it_and_channels_last_trains(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
+    monkeypatch.setattr("detforge.inference.predictor.cpu_supports_bf16", lambda: native_bf16)
+    probe = _Precision()
+    cfg = tiny_config(tiny_dataset, tmp_path / "run", train={"amp": "auto", "channels_last": True})
+    result = detforge.train(cfg, callbacks=[probe])
+    expected = torch.bfloat16 if native_bf16 else None
+    assert probe.seen == [(True, expected)] * 4
+    model = build_model(ModelConfig(arch="fasterrcnn_mobilenet_v3_large_320_fpn", weights=str(result.final_checkpoint)),
+                        num_classes=2, min_size=[64], max_size=64)  # fmt: skip
+    report = model.weights_report
+    assert report.loaded and not (report.missing or report.unexpected or report.reinitialised), report.summary()
+
+
+def test_fp16_off_cuda_is_refused_with_the_alternatives(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train.amp=fp16 needs CUDA.*bf16, auto or off"):
+        detforge.train(tiny_config(tiny_dataset, tmp_path / "run", train={"amp": "fp16"}))

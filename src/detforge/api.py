@@ -203,12 +203,15 @@ def train(
         _check_best_metrics(cfg, iou_types)  # first evaluation checks; without validation data nothing uses them
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_run_model(cfg, data, device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     schedule = scale_schedule(cfg.train, eval_period=cfg.eval.period, world_size=dist_info.world_size)
     optimizer = build_optimizer(model, cfg.train, lr=schedule.lr)
     ema = ModelEma(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+    amp = _amp(cfg, device)
     if dist_info.is_main:
         save_config(cfg, out_dir / "config.yaml")
-        console.print(f"schedule: {schedule.describe()}", highlight=False)
+        console.print(f"schedule: {schedule.describe()}; precision: {_precision(amp, cfg)}", highlight=False)
 
     built_in = _callbacks(
         cfg, data, schedule.eval_period, schedule.checkpoint_period, iou_types, device, dist_info, with_masks
@@ -233,7 +236,7 @@ def train(
         scheduler=build_scheduler(optimizer, cfg.train, schedule),
         accumulate=cfg.train.accumulate,
         clip_grad_norm=cfg.train.clip_grad_norm,
-        amp=_amp(cfg, device),
+        amp=amp,
         device=device,
         ema=ema,
         callbacks=built_in + list(callbacks),
@@ -390,9 +393,23 @@ def _maybe_ddp(model: nn.Module, device: torch.device, dist_info: DistInfo) -> n
 
 
 def _amp(cfg: Config, device: torch.device) -> str:
+    """train.amp as the trainer takes it: ``auto`` resolved for ``device``; fp16 refused off CUDA."""
     if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs CUDA; on this device use train.amp=bf16 or off.")
-    return cfg.train.amp
+        raise ConfigError("train.amp=fp16 needs CUDA; on this device use train.amp=bf16, auto or off.")
+    if cfg.train.amp != "auto":
+        return cfg.train.amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    from detforge.inference.predictor import cpu_supports_bf16
+
+    return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "off"
+
+
+def _precision(amp: str, cfg: Config) -> str:
+    text = "fp32" if amp == "off" else f"{amp} autocast"
+    if cfg.train.amp == "auto":
+        text += " (train.amp=auto)"
+    return text + (", channels-last" if cfg.train.channels_last else "")
 
 
 def _set_determinism(cfg: Config) -> None:

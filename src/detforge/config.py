@@ -108,6 +108,12 @@ class ModelConfig(_Section):
         None, gt=0, description="Mask R-CNN: channels of the mask head's convs (default 256; 128 is ~4x cheaper)."
     )
     mask_head_num_conv: int | None = Field(None, gt=0, description="Mask R-CNN: number of mask head convs (default 4).")
+    mask_head_norm: Literal["bn"] | None = Field(
+        None, description="Mask R-CNN: BatchNorm in the mask head's convs (the v2 models' head), for random weights."
+    )
+    fpn_norm: Literal["bn"] | None = Field(
+        None, description="ResNet-18 FPN models: BatchNorm in the FPN's convs (as the v2 models), for random weights."
+    )
     fast_roi_align_backward: bool = Field(
         True,
         description="R-CNN training on a CPU: RoIAlign's backward pass as one sparse matrix product (5-6x faster "
@@ -134,7 +140,14 @@ class TrainConfig(_Section):
     warmup_iters: int = Field(100, ge=0, description="Iterations of linear lr warm-up.")
     warmup_factor: float = Field(0.001, gt=0, le=1, description="LR factor at the start of warm-up.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
-    amp: Literal["off", "fp16", "bf16"] = Field("off", description="Mixed precision on CUDA.")
+    amp: Literal["off", "fp16", "bf16", "auto"] = Field(
+        "off",
+        description="Mixed precision. auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16, CPUs "
+        "with AVX-512 BF16 or AMX), fp16 on older CUDA GPUs, else off.",
+    )
+    channels_last: bool = Field(
+        False, description="Keep the weights channels-last (NHWC): faster convolutions on CPUs and tensor cores."
+    )
     ema: bool = Field(False, description="Keep an exponential moving average of the weights.")
     ema_decay: float = Field(0.9998, gt=0, lt=1, description="EMA decay (warmed up over the first steps).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")

@@ -126,6 +126,26 @@ def test_head_sizes_build_narrower_heads_that_train_and_predict() -> None:
         _build("retinanet_resnet50_fpn", box_head_fc_dim=64)
 
 
+def test_fpn_and_mask_head_norms_add_batchnorm_that_trains_and_saves() -> None:
+    torch.manual_seed(0)
+    plain = _build("maskrcnn_resnet18_fpn", mask_head_num_conv=2)
+    model = _build("maskrcnn_resnet18_fpn", mask_head_num_conv=2, fpn_norm="bn", mask_head_norm="bn")
+    plain_parts = [*plain.backbone.fpn.modules(), *plain.roi_heads.mask_head.modules()]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain_parts)
+    fpn_norms = [m for m in model.backbone.fpn.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(fpn_norms) == 6  # an inner (1x1) and a layer (3x3) conv for each of C3-C5
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.roi_heads.mask_head.modules()) == 2
+    assert len(model.state_dict()) > len(plain.state_dict())
+    _shrink_for_test(model)
+    model.train()
+    sum(model([torch.rand(3, 96, 128)] * 2, [_target()] * 2).values()).backward()
+    assert fpn_norms[0].weight.grad is not None and fpn_norms[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="model.fpn_norm: only the ResNet-18 FPN models.*'maskrcnn_resnet50_fpn'"):
+        _build("maskrcnn_resnet50_fpn", fpn_norm="bn")
+    with pytest.raises(ConfigError, match="model.mask_head_norm: 'fasterrcnn_resnet18_fpn' has no mask head"):
+        _build("fasterrcnn_resnet18_fpn", mask_head_norm="bn")
+
+
 def test_conv_box_head_has_batchnorm_convs_and_one_fully_connected_layer() -> None:
     torch.manual_seed(0)
     model = _build("maskrcnn_resnet18_fpn", box_head_num_conv=2, box_head_conv_dim=32, box_head_fc_dim=64,

@@ -108,11 +108,13 @@ def _resnet18_fpn_rcnn(
     num_classes: int | None = None,
     weights_backbone: tvm.ResNet18_Weights | None = None,
     trainable_backbone_layers: int | None = None,
+    fpn_norm_layer: Callable[..., nn.Module] | None = None,
     **kwargs: Any,
 ) -> Any:
     """A torchvision Faster or Mask R-CNN on a ResNet-18 FPN (torchvision has the parts but no builder or COCO
     weights): BatchNorm trained from random weights, frozen with ImageNet backbone weights, as torchvision's ResNet-50
-    builders do; RoIs pooled from the three FPN maps."""
+    builders do; RoIs pooled from the three FPN maps. ``fpn_norm_layer`` normalises the FPN's convs (the v2
+    models' BatchNorm; none by default, as the v1 models)."""
     name = f"{model_class.__name__.lower()}_resnet18_fpn"
     if weights is not None:
         raise ConfigError(f"{name} has no torchvision weights; use backbone weights (IMAGENET1K_V1).")
@@ -121,7 +123,7 @@ def _resnet18_fpn_rcnn(
     trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
     norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
     body = tvm.resnet18(weights=weights_backbone, progress=progress, norm_layer=norm_layer)
-    backbone = _resnet_fpn_extractor(body, trainable, returned_layers=R18_RETURNED_LAYERS)
+    backbone = _resnet_fpn_extractor(body, trainable, returned_layers=R18_RETURNED_LAYERS, norm_layer=fpn_norm_layer)
     anchors = AnchorGenerator(R18_ANCHOR_SIZES, ((0.5, 1.0, 2.0),) * len(R18_ANCHOR_SIZES))
     kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2))
     if model_class is tvd.MaskRCNN:
@@ -287,6 +289,8 @@ def build_model(
     spec = get_spec(cfg.arch)
     _check_model_config(spec, cfg, num_classes=num_classes, num_keypoints=num_keypoints)
     kwargs = _size_kwargs(spec, min_size, max_size) | _postprocess_kwargs(spec, cfg)
+    if cfg.fpn_norm == "bn":  # _check_model_config: a ResNet-18 FPN model
+        kwargs["fpn_norm_layer"] = nn.BatchNorm2d
     if spec.task == "keypoints":
         kwargs["num_keypoints"] = num_keypoints
     if cfg.weights and is_torchvision_weight_name(cfg.weights):
@@ -342,8 +346,15 @@ def _check_model_config(spec: ModelSpec, cfg: ModelConfig, *, num_classes: int, 
             f"model.box_head_conv_dim={cfg.box_head_conv_dim} sizes the box head's convs, but box_head_num_conv is "
             f"{cfg.box_head_num_conv}; set box_head_num_conv (e.g. 4) or remove box_head_conv_dim."
         )
-    if (cfg.mask_head_conv_dim or cfg.mask_head_num_conv) and spec.task != "segmentation":  # before any download
-        raise ConfigError(f"model.mask_head_conv_dim/mask_head_num_conv: '{cfg.arch}' has no mask head; remove them.")
+    mask_keys = [k for k in ("mask_head_conv_dim", "mask_head_num_conv", "mask_head_norm") if getattr(cfg, k)]
+    if mask_keys and spec.task != "segmentation":  # before any download
+        raise ConfigError(f"model.{mask_keys[0]}: '{cfg.arch}' has no mask head; remove it.")
+    if cfg.fpn_norm and getattr(spec.builder, "func", None) is not _resnet18_fpn_rcnn:
+        raise ConfigError(
+            f"model.fpn_norm: only the ResNet-18 FPN models build their FPN here; '{cfg.arch}' has torchvision's "
+            f"(the *_v2 models already have BatchNorm in it). Remove fpn_norm or use fasterrcnn_resnet18_fpn / "
+            f"maskrcnn_resnet18_fpn."
+        )
     if given and spec.family != "rcnn":
         raise ConfigError(
             f"model.{given[0]}: only R-CNN architectures have RoI heads and proposals; '{cfg.arch}' is a "

@@ -1,5 +1,5 @@
 """Other R-CNN RoI heads on request: ``model.box_head_fc_dim``, ``box_head_num_conv``, ``box_head_conv_dim``,
-``mask_head_conv_dim``, ``mask_head_num_conv``.
+``mask_head_conv_dim``, ``mask_head_num_conv``, ``mask_head_norm``.
 
 These are Detectron2's ``ROI_BOX_HEAD.FC_DIM`` / ``NUM_CONV`` / ``CONV_DIM`` (the convs with ``NORM: BN``) and
 ``ROI_MASK_HEAD.CONV_DIM`` / ``NUM_CONV``. torchvision's heads
@@ -46,7 +46,7 @@ def apply_head_sizes(model: Any, cfg: ModelConfig) -> list[str]:
         replaced += _conv_box_head(model, cfg)
     elif cfg.box_head_fc_dim is not None:
         replaced += _box_head(model, cfg.arch, cfg.box_head_fc_dim)
-    if cfg.mask_head_conv_dim is not None or cfg.mask_head_num_conv is not None:
+    if (cfg.mask_head_conv_dim, cfg.mask_head_num_conv, cfg.mask_head_norm) != (None, None, None):
         replaced += _mask_head(model, cfg)
     return replaced
 
@@ -89,12 +89,13 @@ def _mask_head(model: Any, cfg: ModelConfig) -> list[str]:
     mask_head = getattr(heads, "mask_head", None)
     if not isinstance(mask_head, MaskRCNNHeads):
         raise ConfigError(
-            f"model.mask_head_conv_dim/mask_head_num_conv: '{cfg.arch}' has no Mask R-CNN mask head; remove them."
+            f"model.mask_head_conv_dim/num_conv/norm: '{cfg.arch}' has no Mask R-CNN mask head; remove them."
         )
     convs = [block[0] for block in mask_head]  # each block: Conv2dNormActivation(conv, [norm], relu)
     dim = cfg.mask_head_conv_dim or convs[0].out_channels
     count = cfg.mask_head_num_conv or len(convs)
-    norm = nn.BatchNorm2d if any(isinstance(m, nn.BatchNorm2d) for m in mask_head.modules()) else None  # v2: BN
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in mask_head.modules())  # the v2 models' head
+    norm = nn.BatchNorm2d if has_bn or cfg.mask_head_norm == "bn" else None
     num_classes = heads.mask_predictor.mask_fcn_logits.out_channels
     heads.mask_head = MaskRCNNHeads(convs[0].in_channels, [dim] * count, 1, norm_layer=norm)
     heads.mask_predictor = MaskRCNNPredictor(dim, dim, num_classes)
