@@ -147,7 +147,7 @@ def test_amp_auto_picks_bf16_only_where_the_cpu_computes_it_and_channels_last_tr
 ) -> None:
     monkeypatch.setattr("detforge.inference.predictor.cpu_supports_bf16", lambda: native_bf16)
     probe = _Precision()
-    cfg = tiny_config(tiny_dataset, tmp_path / "run", train={"amp": "auto", "channels_last": True})
+    cfg = tiny_config(tiny_dataset, tmp_path / "run", train={"amp": "auto", "channels_last": True, "device": "cpu"})
     result = detforge.train(cfg, callbacks=[probe])
     expected = torch.bfloat16 if native_bf16 else None
     assert probe.seen == [(True, expected)] * 4
@@ -155,8 +155,19 @@ def test_amp_auto_picks_bf16_only_where_the_cpu_computes_it_and_channels_last_tr
                         num_classes=2, min_size=[64], max_size=64)  # fmt: skip
     report = model.weights_report
     assert report.loaded and not (report.missing or report.unexpected or report.reinitialised), report.summary()
+    precision = load_checkpoint(result.final_checkpoint)["metadata"]["train_precision"]
+    assert precision == ("bf16 autocast" if native_bf16 else "fp32") + " (train.amp=auto), channels-last"
 
 
 def test_fp16_off_cuda_is_refused_with_the_alternatives(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train.amp=fp16 needs CUDA.*bf16, auto or off"):
-        detforge.train(tiny_config(tiny_dataset, tmp_path / "run", train={"amp": "fp16"}))
+        detforge.train(tiny_config(tiny_dataset, tmp_path / "run", train={"amp": "fp16", "device": "cpu"}))
+
+
+def test_evaluating_weights_with_a_config_of_another_model_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    model = {"arch": "maskrcnn_resnet18_fpn", "mask_head_num_conv": 1, "mask_head_conv_dim": 8}
+    trained = detforge.train(tiny_config(tiny_dataset, tmp_path / "run", model=model), ["train.max_iter=1"])
+    other = tiny_config(tiny_dataset, tmp_path / "eval", model={**model, "mask_head_norm": "bn"})
+    other["model"]["weights"] = str(trained.final_checkpoint)
+    with pytest.raises(CheckpointError, match=r"tensors of the model built from this config are not in the file"):
+        detforge.evaluate(other)

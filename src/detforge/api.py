@@ -211,7 +211,7 @@ def train(
     amp = _amp(cfg, device)
     if dist_info.is_main:
         save_config(cfg, out_dir / "config.yaml")
-        console.print(f"schedule: {schedule.describe()}; precision: {_precision(amp, cfg)}", highlight=False)
+        console.print(f"schedule: {schedule.describe()}; precision: {_describe_precision(amp, cfg)}", highlight=False)
 
     built_in = _callbacks(
         cfg, data, schedule.eval_period, schedule.checkpoint_period, iou_types, device, dist_info, with_masks
@@ -223,7 +223,7 @@ def train(
         class_names=data.class_names,
         datasets=sources.refs,
         parent_model=_parent_model(cfg),
-        metadata=_checkpoint_metadata(cfg, data),
+        metadata=_checkpoint_metadata(cfg, data) | {"train_precision": _describe_precision(amp, cfg)},
     )
     # Before the Checkpointer: a step's points are spooled (and synced to disk) before its checkpoint is written.
     checkpointer_at = next(i for i, cb in enumerate(built_in) if isinstance(cb, Checkpointer))
@@ -305,7 +305,7 @@ def _callbacks(
             keep_last=cfg.train.keep_last,
             best_metric=cfg.eval.best_metric if data.val is not None else None,
             best_mode=cfg.eval.best_mode,
-            metadata=_checkpoint_metadata(cfg, data),
+            metadata=_checkpoint_metadata(cfg, data) | {"train_precision": _describe_precision(_amp(cfg, device), cfg)},
         )
     )
     if cfg.eval.patience and data.val is not None:
@@ -399,13 +399,26 @@ def _amp(cfg: Config, device: torch.device) -> str:
     if cfg.train.amp != "auto":
         return cfg.train.amp
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        with torch.cuda.device(device):  # the run's GPU; emulated bf16 (T4, V100) is slower than fp16
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     from detforge.inference.predictor import cpu_supports_bf16
 
     return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "off"
 
 
-def _precision(amp: str, cfg: Config) -> str:
+def _refuse_partial_weights(model: nn.Module, cfg: Config) -> None:
+    """Evaluating a model part of whose layers kept random weights measures nothing: say which config to use."""
+    report = getattr(model, "weights_report", None)
+    if report is not None and report.missing:
+        raise CheckpointError(
+            f"model.weights {cfg.model.weights}: {len(report.missing)} tensors of the model built from this config "
+            f"are not in the file ({report.summary()}). The config builds another model than the one trained "
+            "(arch or model.* head options differ): evaluate with the run's config.yaml, or set the same model keys."
+        )
+
+
+def _describe_precision(amp: str, cfg: Config) -> str:
+    """How the run computes, e.g. "bf16 autocast (train.amp=auto), channels-last"."""
     text = "fp32" if amp == "off" else f"{amp} autocast"
     if cfg.train.amp == "auto":
         text += " (train.amp=auto)"
@@ -447,6 +460,7 @@ def evaluate(config: ConfigLike, overrides: list[str] | None = None) -> EvalResu
     assert data.val is not None
     with_masks, _, iou_types = _task_needs(cfg, data)
     model = build_run_model(cfg, data, device)
+    _refuse_partial_weights(model, cfg)
     loader = build_eval_loader(data.val, cfg.data, batch_size=cfg.eval.batch_size)
     folder = Path(cfg.output.dir) / "eval"
     result = evaluate_model(model, data.val, loader, iou_types=iou_types, device=device, out_dir=folder)

@@ -109,7 +109,8 @@ def test_stats_show_synth_and_yolo_export(tiny_dataset: Path, tmp_path: Path) ->
     assert (tmp_path / "synth" / "annotations.json").is_file()
     args = ["--images", "3", "--size", "96", "--max-objects", "1", "--extent", "0.3", "0.4"]
     run("data", "synth", "--out", tmp_path / "one", *args)
-    assert len(json.loads((tmp_path / "one" / "annotations.json").read_text())["annotations"]) == 3
+    one = json.loads((tmp_path / "one" / "annotations.json").read_text())["annotations"]
+    assert len(one) == 3 and all(0.3 * 96 - 2 <= max(a["bbox"][2:]) <= 0.4 * 96 * 2**0.5 + 2 for a in one)
     run("data", "export", tiny_dataset, "--format", "yolo", "--out", tmp_path / "yolo")
     assert (tmp_path / "yolo" / "data.yaml").is_file()
     text = run("data", "import", tmp_path / "yolo", "--format", "yolo", "--out", tmp_path / "back.json")

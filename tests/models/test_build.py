@@ -140,6 +140,8 @@ def test_fpn_and_mask_head_norms_add_batchnorm_that_trains_and_saves() -> None:
     model.train()
     sum(model([torch.rand(3, 96, 128)] * 2, [_target()] * 2).values()).backward()
     assert fpn_norms[0].weight.grad is not None and fpn_norms[0].weight.grad.abs().sum() > 0
+    v2 = _build("maskrcnn_resnet50_fpn_v2", mask_head_norm="bn").roi_heads.mask_head  # has BatchNorm: left alone
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in v2.modules()) == 4
     with pytest.raises(ConfigError, match="model.fpn_norm: only the ResNet-18 FPN models.*'maskrcnn_resnet50_fpn'"):
         _build("maskrcnn_resnet50_fpn", fpn_norm="bn")
     with pytest.raises(ConfigError, match="model.mask_head_norm: 'fasterrcnn_resnet18_fpn' has no mask head"):

@@ -296,7 +296,7 @@ def synth(
     try:
         path = synth_shapes(out, images=images, seed=seed, size=(size, size), max_objects=max_objects, extent=extent)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(str(exc), param_hint="--images/--size/--max-objects/--extent") from exc
     console.print(f"Wrote {path}", highlight=False)
 
 

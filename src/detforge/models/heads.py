@@ -46,9 +46,24 @@ def apply_head_sizes(model: Any, cfg: ModelConfig) -> list[str]:
         replaced += _conv_box_head(model, cfg)
     elif cfg.box_head_fc_dim is not None:
         replaced += _box_head(model, cfg.arch, cfg.box_head_fc_dim)
-    if (cfg.mask_head_conv_dim, cfg.mask_head_num_conv, cfg.mask_head_norm) != (None, None, None):
+    if cfg.mask_head_conv_dim is not None or cfg.mask_head_num_conv is not None:
         replaced += _mask_head(model, cfg)
+    elif cfg.mask_head_norm is not None and not _has_batchnorm(_mask_head_of(model, cfg)):
+        replaced += _mask_head(model, cfg)  # the same sizes, with BatchNorm
     return replaced
+
+
+def _mask_head_of(model: Any, cfg: ModelConfig) -> MaskRCNNHeads:
+    mask_head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
+    if not isinstance(mask_head, MaskRCNNHeads):
+        raise ConfigError(
+            f"model.mask_head_conv_dim/num_conv/norm: '{cfg.arch}' has no Mask R-CNN mask head; remove them."
+        )
+    return mask_head
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
 
 def _box_head(model: Any, arch: str, dim: int) -> list[str]:
@@ -85,17 +100,12 @@ def _conv_box_head(model: Any, cfg: ModelConfig) -> list[str]:
 
 
 def _mask_head(model: Any, cfg: ModelConfig) -> list[str]:
-    heads: Any = getattr(model, "roi_heads", None)
-    mask_head = getattr(heads, "mask_head", None)
-    if not isinstance(mask_head, MaskRCNNHeads):
-        raise ConfigError(
-            f"model.mask_head_conv_dim/num_conv/norm: '{cfg.arch}' has no Mask R-CNN mask head; remove them."
-        )
+    heads = model.roi_heads
+    mask_head = _mask_head_of(model, cfg)
     convs = [block[0] for block in mask_head]  # each block: Conv2dNormActivation(conv, [norm], relu)
     dim = cfg.mask_head_conv_dim or convs[0].out_channels
     count = cfg.mask_head_num_conv or len(convs)
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in mask_head.modules())  # the v2 models' head
-    norm = nn.BatchNorm2d if has_bn or cfg.mask_head_norm == "bn" else None
+    norm = nn.BatchNorm2d if _has_batchnorm(mask_head) or cfg.mask_head_norm == "bn" else None  # v2 heads have it
     num_classes = heads.mask_predictor.mask_fcn_logits.out_channels
     heads.mask_head = MaskRCNNHeads(convs[0].in_channels, [dim] * count, 1, norm_layer=norm)
     heads.mask_predictor = MaskRCNNPredictor(dim, dim, num_classes)
