@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from detforge.cli.export import export_cmd
 from detforge.cli.main import DetforgeGroup
 from detforge.config import Config
+from detforge.demo import CPU_RCNN
 from detforge.engine.checkpoint import save_checkpoint
 from detforge.errors import CheckpointError, ConfigError
 from detforge.inference import export as export_module
@@ -51,10 +52,12 @@ pytestmark = [
 
 FASTER = "fasterrcnn_mobilenet_v3_large_320_fpn"
 MASK = "maskrcnn_mobilenet_v3_large_fpn"
+DEMO = "maskrcnn_resnet18_fpn"  # with the demo's options: conv box head, BatchNorm FPN and mask head
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {DEMO: CPU_RCNN}
 SCORE_THRESHOLD = 0.05
 # Few enough for Mask R-CNN's mask pasting to stay quick; the Faster R-CNN keeps all its post-NMS boxes.
-DETECTIONS_PER_IMAGE = {FASTER: 100, MASK: 30}
-IMAGES = {FASTER: 3, MASK: 2}  # Mask R-CNN's box head sees 1,000 proposals per image: ~2 s each on one core
+DETECTIONS_PER_IMAGE = {FASTER: 100, MASK: 30, DEMO: 30}
+IMAGES = {FASTER: 3, MASK: 2, DEMO: 2}  # Mask R-CNN's box head sees 1,000 proposals per image: ~2 s each on one core
 # int8 export against the float one on ~512 px balloon images, random weights (measured: 1.7 px, 0.019)
 INT8_BOX_PX, INT8_SCORE = 3.0, 0.03
 
@@ -79,6 +82,7 @@ def random_checkpoint(arch: str, images: list[Image.Image], path: Path) -> Path:
                 "arch": arch,
                 "score_threshold": SCORE_THRESHOLD,
                 "detections_per_image": DETECTIONS_PER_IMAGE[arch],
+                **MODEL_OPTIONS.get(arch, {}),
             },
         }
     )
@@ -167,7 +171,7 @@ def assert_same_detections(eager: Detections, other: Detections) -> None:
             assert (iou.max(axis=1) > 0.5).all()
 
 
-@pytest.mark.parametrize("arch", [FASTER, MASK])
+@pytest.mark.parametrize("arch", [FASTER, MASK, DEMO])
 def test_onnx_runtime_predicts_what_pytorch_predicts(
     arch: str,
     shared_data: Path,

@@ -49,6 +49,7 @@ def test_the_run_records_config_environment_datasets_and_finishes(tracked_run: t
     assert run.data.params["train.max_iter"] == "4" and run.data.params["model.arch"].startswith("fasterrcnn")
     tags = run.data.tags
     assert tags["detforge.kind"] == "training" and tags["detforge.version.torch"]
+    assert tags["detforge.train_precision"] == "fp32"  # train.amp=off, no channels_last: the resolved precision
     assert tags["detforge.dataset.train"] == tags["detforge.dataset.val"] == "dataset:instances:v1"
     assert "config.yaml" in [a.path for a in store.client().list_artifacts(run_id)]
 

@@ -146,6 +146,7 @@ def test_training_run_records_metrics_images_tables_and_artifacts_offline(
     assert config["model"]["arch"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
     assert config["datasets"] == {"train": "dataset:tiny-shapes:v1", "val": "dataset:tiny-shapes:v1"}
     assert "detforge.machine.python" in config["environment"]
+    assert config["train_precision"] == "fp32"
 
     (dataset,) = [a for a in run["artifacts"] if a.type == "dataset"]
     assert dataset.name == "tiny-shapes" and "detforge-v1" in dataset.aliases

@@ -169,6 +169,7 @@ class MlflowTracker(Tracker):
                 "detforge.kind": KIND_TRAINING,
                 "detforge.output_dir": str(self.ctx.out_dir.resolve()),
                 "detforge.arch": self.ctx.config.model.arch,
+                "detforge.train_precision": str(self.ctx.metadata.get("train_precision", "")),
                 "detforge.model_name": self.model_name,
                 **{f"detforge.dataset.{role}": ref for role, ref in self.ctx.datasets.items()},
                 **({registry.TAG_PARENT: self.ctx.parent_model} if self.ctx.parent_model else {}),

@@ -210,6 +210,7 @@ class WandbTracker(Tracker):
         return {
             **self.ctx.config.model_dump(mode="json"),
             "environment": run_environment(),
+            "train_precision": self.ctx.metadata.get("train_precision"),
             "datasets": dict(self.ctx.datasets),
             "parent_model": self.ctx.parent_model,
             "output_dir": str(self.ctx.out_dir.resolve()),
